@@ -1,0 +1,563 @@
+"""Scene readers and row-streaming writers for prediction.
+
+Readers (:class:`SceneReader`) give rows of raw pixels ``(h, W, 3)``; GeoTIFFs are read by windows with
+rasterio (the optional ``geo`` extra, imported lazily), PNG / JPEG / plain TIFF with Pillow (the whole
+image, which those formats need anyway). Writers take row blocks in order and never hold the whole
+output: PNG is written as a zlib stream of rows, GeoTIFF by row windows aligned to its tiles, ``.npy``
+by appending rows. All writers of one input write to temporary files in the output folder that
+:class:`OutputSet` renames into place together at the end; a failure removes them, so no partial output
+is ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from ctseg.errors import DataError, OutputError
+
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# TIFF tags whose presence makes a TIFF a GeoTIFF (pixel scale, tie points, transformation, geokeys).
+_GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
+GEO_EXTRA_HINT = "reading and writing GeoTIFF needs rasterio: pip install ctseg[geo]"
+
+
+def import_rasterio() -> Any:
+    """rasterio, or ``None`` when the ``geo`` extra is not installed."""
+    try:
+        import rasterio
+    except ImportError:
+        return None
+    return rasterio
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------------
+
+
+class SceneReader:
+    """Rows of an RGB scene.
+
+    Attributes:
+        path: the source file (``None`` for arrays), named in every error.
+        height, width: scene size in pixels.
+        dtype: numpy dtype of the raw pixels.
+        input_max: raw value meaning full brightness (``x / input_max`` is the 0-1 scale).
+        georef: ``{"crs", "transform"}`` (rasterio objects) for georeferenced scenes, else ``None``.
+    """
+
+    path: Path | None = None
+    height: int
+    width: int
+    dtype: np.dtype
+    input_max: float
+    georef: dict[str, Any] | None = None
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Raw pixels of rows ``[y0, y1)``, ``(y1 - y0, W, 3)``, C-contiguous."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> SceneReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_input_max(path: Path | None, dtype: np.dtype, input_max: float | None) -> float:
+    if input_max is not None:
+        if not input_max > 0:
+            raise DataError(path, f"input_max must be positive, got {input_max}")
+        return float(input_max)
+    if dtype == np.uint8:
+        return 255.0
+    raise DataError(
+        path,
+        f"pixels are {dtype}, not uint8: pass input_max (the value meaning full brightness, "
+        "e.g. 65535, 10000 or 1.0; CLI --input-max)",
+    )
+
+
+def _check_finite(path: Path | None, rows: np.ndarray, y0: int) -> None:
+    if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+        bad = int(np.argwhere(~np.isfinite(rows))[0][0]) + y0
+        raise DataError(path, f"non-finite pixel values (NaN or Inf), first in row {bad}")
+
+
+class ArrayReader(SceneReader):
+    """An in-memory ``(H, W, 3)`` array (or ``(H, W, C)`` with ``bands`` choosing three, 1-based)."""
+
+    def __init__(
+        self,
+        array: np.ndarray,
+        *,
+        input_max: float | None = None,
+        path: str | Path | None = None,
+        bands: Sequence[int] | None = None,
+    ) -> None:
+        self.path = None if path is None else Path(path)
+        if array.ndim != 3:
+            raise DataError(self.path, f"expected an (H, W, 3) image, got shape {tuple(array.shape)}")
+        if bands is not None:
+            idx = _band_indices(self.path, bands, array.shape[2])
+            array = array[:, :, idx]
+        if array.shape[2] != 3:
+            raise DataError(
+                self.path,
+                f"has {array.shape[2]} channels, expected 3 (RGB); choose three with bands / --bands",
+            )
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise DataError(self.path, f"zero-size image ({array.shape[0]}x{array.shape[1]})")
+        if array.dtype.kind not in "uif":
+            raise DataError(self.path, f"unsupported pixel type {array.dtype}")
+        self.array = np.ascontiguousarray(array)
+        self.height, self.width = int(array.shape[0]), int(array.shape[1])
+        self.dtype = array.dtype
+        self.input_max = _check_input_max(self.path, self.dtype, input_max)
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        rows = self.array[y0:y1]
+        _check_finite(self.path, rows, y0)
+        return rows
+
+
+def _band_indices(path: Path | None, bands: Sequence[int], count: int) -> list[int]:
+    idx = [int(b) - 1 for b in bands]
+    if len(idx) != 3 or any(not 0 <= i < count for i in idx):
+        raise DataError(path, f"bands {list(bands)} invalid: need three 1-based band numbers of {count}")
+    return idx
+
+
+def _pillow_is_geotiff(path: Path) -> bool:
+    from PIL import Image
+
+    with contextlib.suppress(Exception), Image.open(path) as im:
+        tags = getattr(im, "tag_v2", None)
+        return tags is not None and any(t in tags for t in _GEOTIFF_TAGS)
+    return False
+
+
+class PillowReader(ArrayReader):
+    """PNG / JPEG / plain TIFF, decoded whole by Pillow (palette images are expanded to RGB)."""
+
+    def __init__(
+        self, path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
+    ):
+        from PIL import Image, UnidentifiedImageError
+
+        path = Path(path)
+        # Scenes legitimately exceed Pillow's decompression-bomb guard (89 Mpx); the user chose the file.
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as im:
+                if im.mode in ("P", "PA"):
+                    im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+                array = np.asarray(im)
+        except FileNotFoundError as exc:
+            raise DataError(path, "no such file") from exc
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(path, f"cannot read image ({exc})") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+        if array.ndim == 2:
+            raise DataError(path, "has 1 channel (greyscale), expected 3 (RGB)")
+        super().__init__(array, input_max=input_max, path=path, bands=bands)
+
+
+class RasterioReader(SceneReader):
+    """A GeoTIFF (or any raster GDAL reads) read by row windows; keeps CRS and transform."""
+
+    def __init__(
+        self, path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
+    ):
+        rasterio = import_rasterio()
+        if rasterio is None:
+            raise DataError(path, GEO_EXTRA_HINT)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(self.path, "no such file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(self.path)
+        except rasterio.errors.RasterioIOError as exc:
+            raise DataError(self.path, f"cannot read raster ({exc})") from exc
+        ds = self._ds
+        try:
+            if ds.width == 0 or ds.height == 0:
+                raise DataError(self.path, f"zero-size raster ({ds.height}x{ds.width})")
+            if bands is not None:
+                self._bands = [i + 1 for i in _band_indices(self.path, bands, ds.count)]
+            elif ds.count == 3:
+                self._bands = [1, 2, 3]
+            else:
+                raise DataError(
+                    self.path,
+                    f"has {ds.count} bands, expected 3 (RGB); choose three with --bands, e.g. 1,2,3",
+                )
+            dtypes = {ds.dtypes[b - 1] for b in self._bands}
+            if len(dtypes) != 1:
+                raise DataError(self.path, f"bands {self._bands} have different types {sorted(dtypes)}")
+            self.dtype = np.dtype(dtypes.pop())
+            if self.dtype.kind not in "uif":
+                raise DataError(self.path, f"unsupported pixel type {self.dtype}")
+            self.input_max = _check_input_max(self.path, self.dtype, input_max)
+        except BaseException:
+            ds.close()
+            raise
+        self.height, self.width = int(ds.height), int(ds.width)
+        georeferenced = ds.crs is not None or not ds.transform.is_identity
+        self.georef = {"crs": ds.crs, "transform": ds.transform} if georeferenced else None
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        from rasterio.windows import Window
+
+        try:
+            data = self._ds.read(self._bands, window=Window(0, y0, self.width, y1 - y0))  # (3, h, W)
+        except Exception as exc:
+            raise DataError(self.path, f"cannot read rows {y0}-{y1} ({exc})") from exc
+        rows = np.ascontiguousarray(np.moveaxis(data, 0, -1))
+        _check_finite(self.path, rows, y0)
+        return rows
+
+    def close(self) -> None:
+        self._ds.close()
+
+
+def open_scene(
+    path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
+) -> SceneReader:
+    """A reader for ``path``: rasterio for TIFF when installed, else Pillow (refusing GeoTIFFs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such file" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file")
+    if path.suffix.lower() in GEOTIFF_SUFFIXES:
+        if import_rasterio() is not None:
+            return RasterioReader(path, input_max=input_max, bands=bands)
+        if _pillow_is_geotiff(path):
+            raise DataError(path, f"is a GeoTIFF; {GEO_EXTRA_HINT}")
+        try:
+            return PillowReader(path, input_max=input_max, bands=bands)
+        except DataError as exc:
+            raise DataError(path, f"{exc.problem}; if it is a GeoTIFF, pip install ctseg[geo]") from exc
+    return PillowReader(path, input_max=input_max, bands=bands)
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    """The image files of a folder (sorted, non-recursive), or ``[path]`` for a file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(path, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    return [path]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic output sets
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove it writable, raising :class:`OutputError` naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ctseg-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write output here ({exc.strerror or exc})") from exc
+    return folder
+
+
+class OutputSet:
+    """Temporary files for the outputs of one input, renamed onto their targets together on success.
+
+    ``with OutputSet(folder) as out: tmp = out.path("x_labels.tif")`` gives a temporary sibling of the
+    target to write; leaving the block normally renames every one, an exception deletes every one.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, name: str) -> Path:
+        target = self.folder / name
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+        except OSError as exc:
+            raise OutputError(f"{self.folder}: cannot write output here ({exc.strerror or exc})") from exc
+        os.close(fd)
+        self._pending.append((Path(tmp), target))
+        return Path(tmp)
+
+    @property
+    def targets(self) -> list[Path]:
+        return [t for _, t in self._pending]
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            try:
+                for tmp, _ in self._pending:
+                    with open(tmp, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                for tmp, target in self._pending:
+                    os.replace(tmp, target)
+            except OSError as err:
+                self._discard()
+                raise OutputError(f"{self.folder}: cannot finish writing outputs ({err})") from err
+        else:
+            self._discard()
+
+    def _discard(self) -> None:
+        for tmp, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Row-streaming writers
+# ---------------------------------------------------------------------------------------------------
+
+
+class RowWriter:
+    """Takes row blocks ``(h, W)`` or ``(h, W, C)`` in order, top to bottom."""
+
+    def write(self, rows: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
+
+class PNGStreamWriter(RowWriter):
+    """An 8-bit PNG written row block by row block (one zlib stream, one IDAT chunk per block).
+
+    Args:
+        path: file to write.
+        width, height: image size.
+        channels: 1 (greyscale or palette) or 3 (RGB).
+        palette: RGB colours, makes a palette ("P") image of 1 channel.
+        level: zlib level; 3 compresses label maps nearly as well as 9, several times faster.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        channels: int = 1,
+        palette: Sequence[Sequence[int]] | None = None,
+        level: int = 3,
+    ) -> None:
+        if channels not in (1, 3) or (palette is not None and channels != 1):
+            raise ValueError("PNG rows: 1 channel (grey/palette) or 3 (RGB)")
+        self.path = Path(path)
+        self.width, self.height, self.channels = width, height, channels
+        self._rows = 0
+        self._fh = open(self.path, "wb")  # noqa: SIM115 -- closed in close()
+        colour_type = 3 if palette is not None else (0 if channels == 1 else 2)
+        self._fh.write(b"\x89PNG\r\n\x1a\n")
+        self._fh.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)))
+        if palette is not None:
+            if not 0 < len(palette) <= 256:
+                raise ValueError("a PNG palette holds 1 to 256 colours")
+            self._fh.write(_png_chunk(b"PLTE", bytes(int(v) for c in palette for v in c)))
+        self._z = zlib.compressobj(level)
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.uint8)
+        h = rows.shape[0]
+        flat = rows.reshape(h, self.width * self.channels)
+        # Filter type 0 (None) byte before every row.
+        data = np.empty((h, flat.shape[1] + 1), dtype=np.uint8)
+        data[:, 0] = 0
+        data[:, 1:] = flat
+        chunk = self._z.compress(data.tobytes())
+        if chunk:
+            self._fh.write(_png_chunk(b"IDAT", chunk))
+        self._rows += h
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        try:
+            if self._rows != self.height:
+                raise RuntimeError(f"{self.path}: wrote {self._rows} of {self.height} rows")
+            self._fh.write(_png_chunk(b"IDAT", self._z.flush()))
+            self._fh.write(_png_chunk(b"IEND", b""))
+        finally:
+            self._fh.close()
+
+
+class NpyStreamWriter(RowWriter):
+    """A ``.npy`` array ``(H, W, C)`` (row-major, so rows can be appended) written row block by block."""
+
+    def __init__(self, path: str | Path, width: int, height: int, channels: int, dtype: Any = np.float32):
+        self.path = Path(path)
+        self.shape = (height, width, channels)
+        self.dtype = np.dtype(dtype)
+        self._rows = 0
+        self._fh = open(self.path, "wb")  # noqa: SIM115 -- closed in close()
+        np.lib.format.write_array_header_1_0(
+            self._fh,
+            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape},
+        )
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:]:
+            raise ValueError(f"rows of shape {rows.shape[1:]}, expected {self.shape[1:]}")
+        self._fh.write(rows.tobytes())
+        self._rows += rows.shape[0]
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        try:
+            if self._rows != self.shape[0]:
+                raise RuntimeError(f"{self.path}: wrote {self._rows} of {self.shape[0]} rows")
+        finally:
+            self._fh.close()
+
+
+class GeoTIFFWriter(RowWriter):
+    """A tiled, deflate-compressed GeoTIFF written by row windows, with the source CRS and transform.
+
+    Rows are buffered until a whole row of tiles is complete, so that every compressed tile is written
+    exactly once (GDAL would otherwise rewrite partially filled tiles).
+    """
+
+    BLOCK = 256
+
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        count: int,
+        dtype: Any,
+        georef: dict[str, Any] | None,
+        colormap: Sequence[Sequence[int]] | None = None,
+        band_names: Sequence[str] | None = None,
+    ) -> None:
+        rasterio = import_rasterio()
+        if rasterio is None:
+            raise OutputError(f"{path}: {GEO_EXTRA_HINT}")
+        self.path = Path(path)
+        self.width, self.height, self.count = width, height, count
+        self.dtype = np.dtype(dtype)
+        tiled = width >= self.BLOCK and height >= self.BLOCK
+        profile: dict[str, Any] = {
+            "driver": "GTiff",
+            "width": width,
+            "height": height,
+            "count": count,
+            "dtype": self.dtype.name,
+            "compress": "deflate",
+            "tiled": tiled,
+            "BIGTIFF": "IF_SAFER",
+        }
+        if tiled:
+            profile.update(blockxsize=self.BLOCK, blockysize=self.BLOCK)
+        if georef is not None:
+            profile.update(crs=georef.get("crs"), transform=georef.get("transform"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            self._ds = rasterio.open(self.path, "w", **profile)
+        if colormap is not None and count == 1 and self.dtype == np.uint8:
+            self._ds.write_colormap(1, {i: (*(int(v) for v in c), 255) for i, c in enumerate(colormap)})
+        for i, name in enumerate(band_names or (), start=1):
+            self._ds.set_band_description(i, name)
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+        self._row = 0  # first row not yet written to the file
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=self.dtype)
+        self._pending.append(rows)
+        self._pending_rows += rows.shape[0]
+        full = (self._pending_rows // self.BLOCK) * self.BLOCK
+        if full:
+            self._flush(full)
+
+    def _flush(self, n: int) -> None:
+        from rasterio.windows import Window
+
+        buf = np.concatenate(self._pending, axis=0) if len(self._pending) > 1 else self._pending[0]
+        out, rest = buf[:n], buf[n:]
+        data = out[np.newaxis] if out.ndim == 2 else np.moveaxis(out, -1, 0)  # (count, n, W)
+        self._ds.write(np.ascontiguousarray(data), window=Window(0, self._row, self.width, n))
+        self._row += n
+        self._pending = [rest] if rest.shape[0] else []
+        self._pending_rows = rest.shape[0]
+
+    def close(self) -> None:
+        if self._ds.closed:
+            return
+        try:
+            if self._pending_rows:
+                self._flush(self._pending_rows)
+            if self._row != self.height:
+                raise RuntimeError(f"{self.path}: wrote {self._row} of {self.height} rows")
+        finally:
+            self._ds.close()
+
+
+@contextlib.contextmanager
+def writers(*items: RowWriter) -> Iterator[tuple[RowWriter, ...]]:
+    """Close every writer on exit; after a failure close them quietly so the first error is the one raised."""
+    try:
+        yield items
+    except BaseException:
+        for w in items:
+            with contextlib.suppress(Exception):
+                w.close()
+        raise
+    with contextlib.ExitStack() as stack:
+        for w in items:
+            stack.callback(w.close)
+
+
+def colorize(labels: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """``(H, W)`` class indices -> ``(H, W, 3)`` uint8 RGB; indices without a colour are black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(colors)] = np.asarray(colors, dtype=np.uint8)
+    return lut[np.asarray(labels, dtype=np.uint8)]

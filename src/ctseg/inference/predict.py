@@ -1,0 +1,145 @@
+"""Predict one image or GeoTIFF scene into files, streaming rows from the sliding window to the writers.
+
+Outputs for an input ``<stem>.<ext>`` in the output folder:
+
+* ``<stem>_labels.tif`` (GeoTIFF input: same CRS, transform and size, uint8, with a colour table) or
+  ``<stem>_labels.png`` (other inputs: 8-bit greyscale, value = class index);
+* ``<stem>_color.png``: the label map as a palette PNG in the protocol's class colours;
+* with ``probs``: ``<stem>_probs.tif`` (GeoTIFF input: K float32 bands, one per class) or
+  ``<stem>_probs.npy`` (float32 ``(H, W, K)``).
+
+All of them are written to temporary files and renamed into place together at the end.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctseg.inference.io import (
+    GeoTIFFWriter,
+    NpyStreamWriter,
+    OutputSet,
+    PNGStreamWriter,
+    RowWriter,
+    check_output_dir,
+    open_scene,
+    writers,
+)
+from ctseg.inference.sliding import ProgressFn, SlidingWindow, iter_blended_rows
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct colours for models without a protocol palette (evenly spaced hues)."""
+    out = []
+    for i in range(num_classes):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)
+        out.append((round(r * 255), round(g * 255), round(b * 255)))
+    return out
+
+
+@dataclass
+class PredictedFile:
+    """What :func:`predict_file` wrote for one input."""
+
+    input: Path
+    height: int
+    width: int
+    outputs: dict[str, Path] = field(default_factory=dict)
+    georeferenced: bool = False
+
+
+def output_names(stem: str, georeferenced: bool, probs: bool) -> dict[str, str]:
+    """File names of the outputs of the input ``stem`` (``labels``, ``color``, optionally ``probs``)."""
+    names = {
+        "labels": f"{stem}_labels.tif" if georeferenced else f"{stem}_labels.png",
+        "color": f"{stem}_color.png",
+    }
+    if probs:
+        names["probs"] = f"{stem}_probs.tif" if georeferenced else f"{stem}_probs.npy"
+    return names
+
+
+def predict_file(
+    model: nn.Module,
+    input_path: str | Path,
+    output_dir: str | Path,
+    settings: SlidingWindow | None = None,
+    *,
+    num_classes: int,
+    normalization: dict[str, Sequence[float]] | None = None,
+    colors: Sequence[Sequence[int]] | None = None,
+    class_names: Sequence[str] | None = None,
+    probs: bool = False,
+    input_max: float | None = None,
+    bands: Sequence[int] | None = None,
+    device: str | torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> PredictedFile:
+    """Predict ``input_path`` with sliding windows and write its outputs into ``output_dir``.
+
+    Memory is bounded by the window batch, the ``(K, window, W)`` blending buffer and the writers' row
+    buffers, whatever the scene size (GeoTIFF input; PNG/JPEG are decoded whole by Pillow).
+
+    Args:
+        model: network (already wrapped in :class:`~ctseg.inference.tta.TTA` when augmenting).
+        input_path: image (PNG / JPEG / TIFF) or GeoTIFF scene.
+        output_dir: folder for the outputs (created; must be writable).
+        settings: sliding-window settings.
+        num_classes: K, the number of logits channels.
+        normalization, input_max, bands, device, progress: see :func:`~ctseg.inference.sliding.predict_large`.
+        colors: class colours for the colour PNG (default: :func:`default_palette`).
+        class_names: band descriptions of the probability GeoTIFF.
+        probs: also write class probabilities.
+    """
+    if num_classes > 256:
+        raise ValueError("label maps are uint8: at most 256 classes")
+    settings = settings or SlidingWindow()
+    out_dir = check_output_dir(output_dir)
+    palette = [tuple(int(v) for v in c) for c in (colors or default_palette(num_classes))]
+    with open_scene(input_path, input_max=input_max, bands=bands) as reader:
+        h, w = reader.height, reader.width
+        geo = reader.georef is not None
+        names = output_names(Path(input_path).stem, geo, probs)
+        result = PredictedFile(Path(input_path), h, w, georeferenced=geo)
+        with OutputSet(out_dir) as out:
+            items: dict[str, RowWriter] = {}
+            if geo:
+                items["labels"] = GeoTIFFWriter(
+                    out.path(names["labels"]), w, h, 1, np.uint8, reader.georef, palette
+                )
+            else:
+                items["labels"] = PNGStreamWriter(out.path(names["labels"]), w, h, channels=1)
+            items["color"] = PNGStreamWriter(out.path(names["color"]), w, h, channels=1, palette=palette)
+            if probs and geo:
+                items["probs"] = GeoTIFFWriter(
+                    out.path(names["probs"]),
+                    w,
+                    h,
+                    num_classes,
+                    np.float32,
+                    reader.georef,
+                    band_names=class_names,
+                )
+            elif probs:
+                items["probs"] = NpyStreamWriter(out.path(names["probs"]), w, h, num_classes)
+            with writers(*items.values()):
+                for _, block in iter_blended_rows(
+                    model, reader, settings, normalization=normalization, device=device, progress=progress
+                ):
+                    if block.shape[0] != num_classes:
+                        raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
+                    labels = block.argmax(0).to(torch.uint8).cpu().numpy()  # (h, W)
+                    items["labels"].write(labels)
+                    items["color"].write(labels)
+                    if "probs" in items:
+                        items["probs"].write(F.softmax(block, dim=0).permute(1, 2, 0).cpu().numpy())
+            result.outputs = {k: out_dir / v for k, v in names.items()}
+    return result

@@ -1,0 +1,388 @@
+"""Sliding-window prediction of scenes of any size with blended logits and bounded memory.
+
+The scene is reflect-padded so that every window is full-size and so that the low-weight rim of each
+blending window falls on padding rather than on scene pixels. Windows are processed one window-row at a
+time: their logits, multiplied by the blending weight, accumulate in a ``(K, window, W_pad)`` buffer
+together with a ``(window, W_pad)`` weight buffer. Once a window-row is done the rows above the next
+window-row's start can receive no more contributions; they are normalised, handed to the caller and the
+buffer shifts down by the stride. Peak memory is therefore ``O(K · window · W)``, not ``O(K · H · W)``.
+
+The public entry points are :class:`SlidingWindow` (settings), :func:`iter_blended_rows` (the streaming
+core over a :class:`~ctseg.inference.io.SceneReader`) and :func:`predict_large` (an in-memory API for
+arrays and files that returns the label map and, optionally, class probabilities).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ctseg.inference.io import SceneReader
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(done_windows, total_windows)``, called after every batch."""
+
+# Weights below this are clamped: the normalisation divides by the summed weight, which must never be 0.
+MIN_WEIGHT = 1e-3
+
+# ---------------------------------------------------------------------------------------------------
+# Blending windows (1-D profiles; the 2-D weight is their outer product)
+# ---------------------------------------------------------------------------------------------------
+
+BlendFn = Callable[[int, int], torch.Tensor]
+BLEND_WINDOWS: dict[str, BlendFn] = {}
+
+
+def register_blend(name: str) -> Callable[[BlendFn], BlendFn]:
+    """Register a 1-D blending profile ``fn(size, overlap) -> (size,) float64`` with maximum 1."""
+
+    def deco(fn: BlendFn) -> BlendFn:
+        if name in BLEND_WINDOWS:
+            raise ValueError(f"blend window {name!r} registered twice")
+        BLEND_WINDOWS[name] = fn
+        return fn
+
+    return deco
+
+
+def _centres(size: int) -> torch.Tensor:
+    return torch.arange(size, dtype=torch.float64) + 0.5
+
+
+@register_blend("gaussian")
+def _gaussian(size: int, overlap: int) -> torch.Tensor:
+    # sigma = size/8 (as nnU-Net): the window's rim carries ~e^-8 of the centre weight, so
+    # neighbouring windows hand over smoothly inside the overlap.
+    sigma = size / 8.0
+    return torch.exp(-((_centres(size) - size / 2.0) ** 2) / (2.0 * sigma**2))
+
+
+@register_blend("spline")
+def _spline(size: int, overlap: int) -> torch.Tensor:
+    # Smoothstep ramp over the overlap, flat inside. s(u) + s(1-u) = 1, so two windows overlapping by
+    # exactly `overlap` pixels form a partition of unity: C1-continuous hand-over and no reweighting
+    # of the centre.
+    ramp = max(int(overlap), 1)
+    d = torch.minimum(_centres(size), size - _centres(size))
+    u = torch.clamp(d / ramp, 0.0, 1.0)
+    return u * u * (3.0 - 2.0 * u)
+
+
+@register_blend("flat")
+def _flat(size: int, overlap: int) -> torch.Tensor:
+    # Plain averaging of overlapping windows: shows seams, kept as the reference the others improve on.
+    return torch.ones(size, dtype=torch.float64)
+
+
+def blend_weights(window: int, overlap: int, kind: str = "gaussian") -> torch.Tensor:
+    """The ``(window, window)`` float32 blending weight, max 1, never below :data:`MIN_WEIGHT`."""
+    if kind not in BLEND_WINDOWS:
+        raise ConfigError(f"unknown blend window {kind!r}; known: {', '.join(sorted(BLEND_WINDOWS))}")
+    w1 = BLEND_WINDOWS[kind](window, overlap)
+    w1 = w1 / w1.max()
+    return torch.outer(w1, w1).clamp_min(MIN_WEIGHT).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The window grid
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AxisGrid:
+    """Windows along one axis, in padded coordinates.
+
+    ``pad_before`` padded pixels precede scene pixel 0; window ``i`` covers padded ``[starts[i],
+    starts[i] + window)``; the padded axis has ``padded`` pixels.
+    """
+
+    length: int
+    window: int
+    stride: int
+    pad_before: int
+    starts: tuple[int, ...]
+
+    @property
+    def padded(self) -> int:
+        return self.starts[-1] + self.window
+
+    @property
+    def pad_after(self) -> int:
+        return self.padded - self.length - self.pad_before
+
+    def source_index(self) -> np.ndarray:
+        """Scene index of every padded position (reflection at the scene borders), ``(padded,)``."""
+        return reflect_index(np.arange(self.padded) - self.pad_before, self.length)
+
+
+def axis_grid(length: int, window: int, overlap: int) -> AxisGrid:
+    """Windows covering ``length`` scene pixels plus an ``overlap // 2`` reflected margin on both sides.
+
+    The margin puts the rim of the first and last windows (where blending weights are smallest) on
+    padding, so that scene border pixels are predicted with the same context as interior ones.
+    """
+    if length <= 0:
+        raise ValueError(f"length must be positive, got {length}")
+    stride = window - overlap
+    margin = overlap // 2
+    span = length + 2 * margin
+    n = 1 if span <= window else math.ceil((span - window) / stride) + 1
+    return AxisGrid(length, window, stride, margin, tuple(i * stride for i in range(n)))
+
+
+def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
+    """Map indices (possibly outside ``[0, n)``) into it by mirror reflection without edge repeat.
+
+    Same convention as ``numpy.pad(mode="reflect")``, and like it valid for any distance from the edge.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    m = np.mod(idx, period)
+    return np.where(m < n, m, period - m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings and the streaming core
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Sliding-window settings.
+
+    Attributes:
+        window: window side in pixels (the network input is ``(B, 3, window, window)``).
+        overlap: pixels shared by neighbouring windows (``0 <= overlap < window``).
+        blend: blending profile name in :data:`BLEND_WINDOWS` (``gaussian``, ``spline``, ``flat``).
+        batch_size: windows per forward pass.
+    """
+
+    window: int = 512
+    overlap: int = 128
+    blend: str = "gaussian"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ConfigError(f"window must be positive, got {self.window}")
+        if not 0 <= self.overlap < self.window:
+            raise ConfigError(f"overlap must be in [0, window={self.window}), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if self.blend not in BLEND_WINDOWS:
+            raise ConfigError(
+                f"unknown blend window {self.blend!r}; known: {', '.join(sorted(BLEND_WINDOWS))}"
+            )
+
+    @property
+    def stride(self) -> int:
+        return self.window - self.overlap
+
+    def grids(self, height: int, width: int) -> tuple[AxisGrid, AxisGrid]:
+        return axis_grid(height, self.window, self.overlap), axis_grid(width, self.window, self.overlap)
+
+    def num_windows(self, height: int, width: int) -> int:
+        gy, gx = self.grids(height, width)
+        return len(gy.starts) * len(gx.starts)
+
+
+def _normalizer(
+    normalization: dict[str, Sequence[float]] | None, input_max: float, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``(B, 3, h, w)`` raw pixels -> float32 network input ``(x / input_max - mean) / std``."""
+    mean = torch.tensor(
+        (normalization or {}).get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32, device=device
+    )
+    std = torch.tensor((normalization or {}).get("std", (1.0, 1.0, 1.0)), dtype=torch.float32, device=device)
+    scale = (1.0 / (float(input_max) * std)).view(1, -1, 1, 1)
+    shift = (mean / std).view(1, -1, 1, 1)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32) * scale - shift
+
+    return norm
+
+
+@torch.inference_mode()
+def iter_blended_rows(
+    model: nn.Module,
+    reader: SceneReader,
+    settings: SlidingWindow | None = None,
+    *,
+    normalization: dict[str, Sequence[float]] | None = None,
+    device: str | torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Blend window logits over a scene, yielding finished row blocks top to bottom.
+
+    Args:
+        model: maps ``(B, 3, window, window)`` normalised images to ``(B, K, window, window)`` logits
+            (wrap it in :class:`~ctseg.inference.tta.TTA` for test-time augmentation).
+        reader: the scene; ``reader.read_rows(y0, y1)`` gives ``(y1 - y0, W, 3)`` raw pixels.
+        settings: window, overlap, blending profile and batch size.
+        normalization: ``{"mean", "std"}`` on the 0-1 scale; ``None`` = only divide by ``reader.input_max``.
+        device: where the model runs (default: the model's device).
+        progress: called with ``(windows_done, windows_total)``.
+
+    Yields:
+        ``(y0, logits)``: scene row ``y0`` and the blended logits ``(K, h, W)`` float32 of rows
+        ``[y0, y0 + h)``, on ``device``. Blocks are contiguous and cover the scene exactly once.
+    """
+    settings = settings or SlidingWindow()
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    height, width = reader.height, reader.width
+    gy, gx = settings.grids(height, width)
+    win, stride = settings.window, settings.stride
+    total = len(gy.starts) * len(gx.starts)
+    weight = blend_weights(win, settings.overlap, settings.blend).to(device)
+    norm = _normalizer(normalization, reader.input_max, device)
+    cols = torch.from_numpy(gx.source_index())
+    acc: torch.Tensor | None = None  # (K, win, Wp): weighted logits, rows relative to the window-row start
+    wsum = torch.zeros(win, gx.padded, dtype=torch.float32, device=device)
+    done = 0
+    for r, y in enumerate(gy.starts):
+        rows = reflect_index(np.arange(y, y + win) - gy.pad_before, height)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        band = torch.from_numpy(reader.read_rows(lo, hi))  # (hi - lo, W, 3), raw dtype
+        strip = band[torch.from_numpy(rows - lo)][:, cols]  # (win, Wp, 3)
+        strip = strip.to(device, non_blocking=True).permute(2, 0, 1)  # (3, win, Wp)
+        for b0 in range(0, len(gx.starts), settings.batch_size):
+            xs = gx.starts[b0 : b0 + settings.batch_size]
+            batch = torch.stack([strip[:, :, x : x + win] for x in xs])  # (B, 3, win, win)
+            logits = model(norm(batch))
+            if logits.shape[-2:] != (win, win):
+                raise RuntimeError(
+                    f"model returned logits of spatial size {tuple(logits.shape[-2:])} for a {win}x{win} window"
+                )
+            logits = logits.to(torch.float32)
+            if acc is None:
+                acc = torch.zeros(logits.shape[1], win, gx.padded, dtype=torch.float32, device=device)
+            for i, x in enumerate(xs):
+                acc[:, :, x : x + win].addcmul_(logits[i], weight)
+                wsum[:, x : x + win] += weight
+            done += len(xs)
+            if progress is not None:
+                progress(done, total)
+        assert acc is not None
+        last = r == len(gy.starts) - 1
+        finished = win if last else stride  # rows that no later window-row touches
+        # Padded rows [y, y + finished) -> scene rows, cropped to the scene.
+        p0 = max(y, gy.pad_before)
+        p1 = min(y + finished, gy.pad_before + height)
+        if p1 > p0:
+            a, b = p0 - y, p1 - y
+            block = (
+                acc[:, a:b, gx.pad_before : gx.pad_before + width]
+                / wsum[a:b, gx.pad_before : gx.pad_before + width]
+            )
+            yield p0 - gy.pad_before, block
+        if not last:
+            keep = win - stride
+            acc[:, :keep] = acc[:, stride:].clone()
+            acc[:, keep:] = 0
+            wsum[:keep] = wsum[stride:].clone()
+            wsum[keep:] = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-memory API
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`predict_large`.
+
+    Attributes:
+        labels: ``(H, W)`` uint8 (int64 when K > 256) argmax of the blended logits.
+        probs: ``(K, H, W)`` float32 softmax of the blended logits, when requested.
+        logits: ``(K, H, W)`` float32 blended logits, when requested.
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+
+def predict_large(
+    model: nn.Module,
+    image: np.ndarray | str | Path | SceneReader,
+    *,
+    window: int = 512,
+    overlap: int = 128,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    tta: str | Sequence[str] | None = None,
+    scales: Sequence[float] = (1.0,),
+    normalization: dict[str, Sequence[float]] | None = None,
+    input_max: float | None = None,
+    device: str | torch.device | None = None,
+    return_probs: bool = False,
+    return_logits: bool = False,
+    progress: ProgressFn | None = None,
+) -> Prediction:
+    """Predict a whole image or scene with sliding windows and blended logits, in memory.
+
+    For scenes too large to hold their label map in memory use :func:`ctseg.inference.predict.predict_file`,
+    which streams the same rows to GeoTIFF / PNG writers.
+
+    Args:
+        model: ``(B, 3, h, w)`` normalised images -> ``(B, K, h, w)`` logits, in eval mode.
+        image: an ``(H, W, 3)`` array (uint8, or float/uint16 with ``input_max``), an image / GeoTIFF path,
+            or an open :class:`~ctseg.inference.io.SceneReader`.
+        window, overlap, blend, batch_size: see :class:`SlidingWindow`.
+        tta: test-time augmentation views or presets (see :mod:`ctseg.inference.tta`), e.g. ``"flip"``.
+        scales: multi-scale TTA factors.
+        normalization: ``{"mean", "std"}`` on the 0-1 scale (an ``InferenceBundle``'s normalization).
+        input_max: pixel value meaning full brightness (default 255 for uint8; required otherwise).
+        device: where the model runs (default: the model's device).
+        return_probs / return_logits: also return softmax probabilities / blended logits ``(K, H, W)``.
+        progress: ``progress(done, total)`` window counter.
+    """
+    from ctseg.inference.io import ArrayReader, open_scene
+    from ctseg.inference.tta import maybe_tta
+
+    settings = SlidingWindow(window=window, overlap=overlap, blend=blend, batch_size=batch_size)
+    if isinstance(image, np.ndarray):
+        reader: SceneReader = ArrayReader(image, input_max=input_max)
+    elif isinstance(image, str | Path):
+        reader = open_scene(image, input_max=input_max)
+    else:
+        reader = image
+    net = maybe_tta(model, tta, scales)
+    labels: np.ndarray | None = None
+    probs = logits_out = None
+    with reader:
+        for y0, block in iter_blended_rows(
+            net, reader, settings, normalization=normalization, device=device, progress=progress
+        ):
+            k, h, _ = block.shape
+            if labels is None:
+                labels = np.empty((reader.height, reader.width), dtype=np.uint8 if k <= 256 else np.int64)
+                if return_probs:
+                    probs = np.empty((k, reader.height, reader.width), dtype=np.float32)
+                if return_logits:
+                    logits_out = np.empty((k, reader.height, reader.width), dtype=np.float32)
+            labels[y0 : y0 + h] = block.argmax(0).cpu().numpy()
+            if probs is not None:
+                probs[:, y0 : y0 + h] = F.softmax(block, dim=0).cpu().numpy()
+            if logits_out is not None:
+                logits_out[:, y0 : y0 + h] = block.cpu().numpy()
+    assert labels is not None
+    return Prediction(labels=labels, probs=probs, logits=logits_out)
