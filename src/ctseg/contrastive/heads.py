@@ -1,0 +1,80 @@
+"""Projection heads ψ_s: one small MLP per backbone stage, applied only to the patch rows a loss uses.
+
+The heads are training-only: they live in the loss module, not in the segmentation model, so an
+exported or inference model never contains them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProjectionHead(nn.Module):
+    """``Linear(C, hidden) → GELU → Linear(hidden, dim)``, then L2-normalised.
+
+    Shapes: ``(N, C)`` → ``(N, dim)`` with unit-norm rows, always float32 (similarities are computed
+    in fp32 whatever the backbone precision).
+    """
+
+    def __init__(self, in_channels: int, dim: int = 128, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = dim if hidden is None else hidden
+        self.in_channels = in_channels
+        self.dim = dim
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.fc1.weight.dtype)
+        z = self.fc2(self.act(self.fc1(rows)))
+        return F.normalize(z.float(), dim=-1)
+
+
+def build_heads(
+    in_channels: Sequence[int], stages: Sequence[int], dim: int = 128, hidden: int | None = None
+) -> nn.ModuleList:
+    """One head per entry of ``in_channels`` (indexed by stage number).
+
+    Stages not in ``stages`` get a parameter-free ``nn.Identity`` so that ``heads[s]`` still indexes by
+    stage number and no unused parameters reach the optimizer (DDP would reject them).
+    """
+    return nn.ModuleList(
+        [ProjectionHead(c, dim, hidden) if s in stages else nn.Identity() for s, c in enumerate(in_channels)]
+    )
+
+
+def gather_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of a feature map by flat patch index, without copying the whole map.
+
+    Args:
+        feature: ``(B, C, h, w)``.
+        rows: any-shape long tensor of flat indices ``b·h·w + i·w + j`` (row-major over batch, row,
+            column, the order of the reference's ``rearrange``).
+
+    Returns:
+        ``(*rows.shape, C)``.
+    """
+    B, C, h, w = feature.shape
+    flat = rows.reshape(-1)
+    b, hw = flat // (h * w), flat % (h * w)
+    out = feature.flatten(2)[b, :, hw]  # (n, C); backward scatters into the map's gradient only
+    return out.reshape(*rows.shape, C)
+
+
+def project_rows(head: nn.Module, feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``head`` applied to the given patch rows of ``feature``: ``(B, C, h, w)``, ``(*S,)`` → ``(*S, d)``.
+
+    When more rows are requested than the map has patches (small maps, large budgets), projecting
+    the whole map once and indexing the result is cheaper than projecting duplicates.
+    """
+    B, C, h, w = feature.shape
+    n_map = B * h * w
+    if rows.numel() >= n_map:
+        z = head(feature.flatten(2).transpose(1, 2).reshape(n_map, C))
+        return z[rows.reshape(-1)].reshape(*rows.shape, z.shape[-1])
+    return head(gather_rows(feature, rows))

@@ -1,0 +1,341 @@
+"""``PatchContrastiveLoss``: the CT loss as one ``nn.Module`` that drops into any training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctseg.contrastive.clip import CLIP_MODES
+from ctseg.contrastive.config import CTConfig, GroupResult, as_stage_tuple
+from ctseg.contrastive.heads import build_heads
+from ctseg.contrastive.paper import paper_group
+from ctseg.contrastive.patches import patch_class_counts, patch_class_means, stage_grids
+from ctseg.contrastive.reference import reference_group
+from ctseg.contrastive.sampling import SAMPLERS
+from ctseg.contrastive.terms import PAPER_TERMS
+from ctseg.errors import ConfigError, CtsegError, DataError
+
+
+class NonFiniteFeaturesError(CtsegError, FloatingPointError):
+    """The backbone features given to the CT loss contain NaN or Inf (a diverged model or bad input)."""
+
+
+def _run_paper(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) -> GroupResult:
+    return paper_group(loss_fn.cfg, loss_fn.heads, feats, counts, grids, conf, loss_fn.process_group)
+
+
+def _run_reference(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) -> GroupResult:
+    return reference_group(loss_fn.cfg, loss_fn.heads, feats, counts, grids)
+
+
+MODES: dict[str, Callable[..., GroupResult]] = {"paper": _run_paper, "reference": _run_reference}
+
+
+class PatchContrastiveLoss(nn.Module):
+    """Contrastive Transformer (CT) loss: supervised patch-level contrast on backbone stage features.
+
+    For every stage s, the feature map ``(B, C_s, H_s, W_s)`` is cut into patches of
+    ``p_s = ceil(H / H_s)`` pixels (mask padded bottom/right with ``ignore_index``). For every class c
+    present in the batch, positives are patches made only of c (no ignore pixel) and negatives
+    patches with no pixel of c. A projection head per stage (``C_s → d → d``, GELU, L2-normalised)
+    maps the used rows; a CL or InfoNCE term contrasts them. The result is
+    ``Σ_s Σ_c L_sc / S / (classes present)`` per group of images, clipped, averaged over groups and
+    multiplied by ``weight``: it is ready to be added to the segmentation loss.
+
+    Args:
+        in_channels: channels of every feature map the backbone returns, e.g. ``[64, 128, 256, 512]``.
+        num_classes: K; labels ``0..K-1`` are classes.
+        ignore_index: label of ignored pixels (never a class; ``None``: every label ≥ K is an error).
+        loss: ``"cl"`` (paper's CL: cosine mapped to [0, 1], soft CE with ``smoothing``) or ``"infonce"``.
+        mode: ``"paper"`` (the paper's text: fixed budgets, real hard-pair mining, vectorised, no host
+            sync) or ``"reference"`` (the authors' code ``71f35b9`` exactly, incl. its RNG draws).
+        stages: indices of the feature maps to use (default: all). Heads of unused maps are ``Identity``.
+        proj_dim: d of the projection heads (hidden width = d).
+        take_top: share of pairs kept by hard mining (reference: of the random pairs).
+        smoothing: CL label smoothing. temperature: InfoNCE τ.
+        num_positives, num_negatives: paper-mode budgets per (stage, class).
+        infonce_max_pairs: reference-mode InfoNCE pair cap (2000).
+        min_positives, min_negatives: a (stage, class) with fewer is skipped (still counted in the
+            division, as in the reference).
+        min_pair_positives: positives needed for the CL positive term.
+        min_infonce: positives and negatives needed for InfoNCE.
+        sampling: ``"random"`` or ``"confidence"`` (paper mode; needs ``probs`` in ``forward``).
+        clip: bound of the raw loss of a group (``None``: no clip).
+        clip_mode: ``"clamp"`` (reference; zero gradient above ``clip``), ``"scale"`` (value bounded,
+            gradient kept, scaled) or ``"none"``.
+        weight: multiplier applied after the clip.
+        group_size: compute class sets, sampling, normalisation and clip per group of this many images
+            and average the clipped group losses (``16`` reproduces the paper's per-GPU DP replicas).
+        gather_negatives: paper mode under DDP: every rank samples ``ceil(num_negatives / world)``
+            negatives and contrasts against the all-gathered pool (with gradients); a no-op without
+            an initialised process group.
+        process_group: group for ``gather_negatives`` (default: WORLD).
+        compute_stats: build the stats dict (one host sync); False returns ``{}``.
+        check_inputs: raise on non-finite features or labels outside ``[0, K) ∪ {ignore_index}``
+            (folded into the stats sync; with ``compute_stats=False`` it costs one sync of its own).
+
+    Forward:
+        ``features``: list of ``(B, C_s, H_s, W_s)`` maps (any float dtype; computed in fp32).
+        ``mask``: ``(B, H, W)`` integer labels. ``probs``: optional ``(B, K, H, W)`` class
+        probabilities (for ``sampling="confidence"``; no gradient flows into them).
+
+    Returns ``(loss, stats)``. ``loss`` is a scalar attached to the graph (0, never NaN, when no
+    (stage, class) has enough samples). ``stats`` holds plain floats:
+
+    * ``"loss_raw"``: mean over groups of the loss before clip and weight; ``"loss"``: returned value;
+    * ``"clipped"``: 1.0 if the raw loss exceeded ``clip`` (mean over groups);
+    * ``"active"``: 1.0 if any (stage, class) term contributed;
+    * ``"skipped_fraction"``: share of (stage, present class) terms skipped for lack of samples;
+    * ``"stage{s}/positives"``, ``"stage{s}/negatives"``, ``"stage{s}/pairs"`` and the same per class,
+      ``"stage{s}/class{c}/positives"`` etc. (summed over groups): positives / negatives the active
+      terms drew from (paper: the sampled budget; reference: all candidates, which it permutes) and
+      pairs whose similarity entered a loss (InfoNCE: queries × (1 + negatives));
+    * per-term losses ``"stage{s}/class{c}/loss_neg"`` and ``"…/loss_pos"`` (CL) or
+      ``"…/loss_infonce"``, mean over the groups where the term was active (0 if never).
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        ignore_index: int | None = None,
+        loss: str = "cl",
+        mode: str = "paper",
+        stages: Sequence[int] | None = None,
+        proj_dim: int = 128,
+        take_top: float = 0.5,
+        smoothing: float = 0.1,
+        temperature: float = 0.1,
+        num_positives: int = 512,
+        num_negatives: int = 512,
+        infonce_max_pairs: int = 2000,
+        min_positives: int = 5,
+        min_negatives: int = 5,
+        min_pair_positives: int = 10,
+        min_infonce: int = 10,
+        sampling: str = "random",
+        clip: float | None = 1.0,
+        clip_mode: str = "clamp",
+        weight: float = 1.0,
+        group_size: int | None = None,
+        gather_negatives: bool = False,
+        process_group: object | None = None,
+        compute_stats: bool = True,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value, options in (
+            ("loss", loss, PAPER_TERMS),
+            ("mode", mode, MODES),
+            ("sampling", sampling, SAMPLERS),
+            ("clip_mode", clip_mode, CLIP_MODES),
+        ):
+            if value not in options:
+                raise ConfigError(f"CT loss: {name}={value!r} is not one of {sorted(options)}")
+        if not in_channels:
+            raise ConfigError("CT loss: in_channels is empty")
+        if clip is not None and clip <= 0:
+            raise ConfigError(f"CT loss: clip must be > 0 or None, got {clip}")
+        if group_size is not None and group_size < 1:
+            raise ConfigError(f"CT loss: group_size must be ≥ 1 or None, got {group_size}")
+        self.cfg = CTConfig(
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            stages=as_stage_tuple(stages, len(in_channels)),
+            loss=loss,
+            mode=mode,
+            sampling=sampling,
+            take_top=take_top,
+            smoothing=smoothing,
+            temperature=temperature,
+            num_positives=num_positives,
+            num_negatives=num_negatives,
+            infonce_max_pairs=infonce_max_pairs,
+            min_positives=min_positives,
+            min_negatives=min_negatives,
+            min_pair_positives=min_pair_positives,
+            min_infonce=min_infonce,
+            gather_negatives=gather_negatives,
+        )
+        self.cfg.validate(len(in_channels))
+        self.in_channels = tuple(int(c) for c in in_channels)
+        self.heads = build_heads(self.in_channels, self.cfg.stages, proj_dim)
+        self.clip = clip
+        self.clip_mode = clip_mode if clip is not None else "none"
+        self.weight = float(weight)
+        self.group_size = group_size
+        self.process_group = process_group
+        self.compute_stats = compute_stats
+        self.check_inputs = check_inputs
+
+    # ------------------------------------------------------------------ input checks
+    def _check_shapes(
+        self, features: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None
+    ) -> None:
+        if mask.dim() != 3 or mask.dtype.is_floating_point or mask.dtype == torch.bool:
+            raise ConfigError(
+                f"CT loss: mask must be a (B, H, W) integer tensor, got {tuple(mask.shape)} {mask.dtype}"
+            )
+        if len(features) != len(self.in_channels):
+            raise ConfigError(
+                f"CT loss: got {len(features)} feature maps, expected {len(self.in_channels)} (in_channels)"
+            )
+        for s in self.cfg.stages:
+            f = features[s]
+            if f.dim() != 4 or f.shape[0] != mask.shape[0] or f.shape[1] != self.in_channels[s]:
+                raise ConfigError(
+                    f"CT loss: stage {s} features {tuple(f.shape)} do not match (B={mask.shape[0]}, "
+                    f"C={self.in_channels[s]}, H_s, W_s)"
+                )
+        if self.cfg.sampling == "confidence":
+            if probs is None:
+                raise ConfigError("CT loss: sampling='confidence' needs probs=(B, K, H, W) in forward")
+        if probs is not None and tuple(probs.shape) != (mask.shape[0], self.cfg.num_classes, *mask.shape[1:]):
+            raise ConfigError(
+                f"CT loss: probs {tuple(probs.shape)} must be (B, K, H, W) = "
+                f"{(mask.shape[0], self.cfg.num_classes, *mask.shape[1:])}"
+            )
+
+    def _input_flags(self, features: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``(2,)`` float: [stages with non-finite features, labels outside the classes and ignore]."""
+        nonfinite = torch.stack([~torch.isfinite(features[s]).all() for s in self.cfg.stages]).sum()
+        bad = (mask < 0) | (mask >= self.cfg.num_classes)
+        if self.cfg.ignore_index is not None:
+            bad &= mask != self.cfg.ignore_index
+        return torch.stack([nonfinite.float(), bad.sum().float()])
+
+    def _raise_on_flags(
+        self, flags: Sequence[float], features: Sequence[torch.Tensor], mask: torch.Tensor
+    ) -> None:
+        if flags[0] > 0:
+            which = [s for s in self.cfg.stages if not bool(torch.isfinite(features[s]).all())]
+            raise NonFiniteFeaturesError(f"CT loss: features of stage(s) {which} contain NaN or Inf")
+        if flags[1] > 0:
+            values = sorted(
+                set(torch.unique(mask).tolist()) - set(range(self.cfg.num_classes)) - {self.cfg.ignore_index}
+            )
+            raise DataError(
+                None,
+                f"CT loss: mask has {int(flags[1])} pixels with labels {values[:10]} outside the classes "
+                f"0..{self.cfg.num_classes - 1} and ignore_index {self.cfg.ignore_index}",
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, features: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self._check_shapes(features, mask, probs)
+        used = [features[s] for s in self.cfg.stages]
+        flags = self._input_flags(features, mask) if self.check_inputs else None
+        if flags is not None and self.cfg.mode == "reference":  # it syncs anyway; fail before any work
+            self._raise_on_flags(flags.tolist(), features, mask)
+            flags = None
+        grids = stage_grids(tuple(mask.shape[1:]), [tuple(f.shape[2:]) for f in used], self.cfg.stages)
+        with torch.autocast(device_type=mask.device.type, enabled=False):
+            counts = patch_class_counts(mask, self.cfg.num_classes, grids)
+            conf = (
+                patch_class_means(probs.detach(), grids)
+                if probs is not None and self.cfg.sampling == "confidence"
+                else None
+            )
+            B = mask.shape[0]
+            g = B if self.group_size is None else self.group_size
+            run = MODES[self.cfg.mode]
+            results, raws, outs = [], [], []
+            for b0 in range(0, B, g):
+                sl = slice(b0, min(b0 + g, B))
+                res = run(
+                    self,
+                    [f[sl] for f in used],
+                    [c[sl] for c in counts],
+                    grids,
+                    None if conf is None else [c[sl] for c in conf],
+                )
+                results.append(res)
+                raws.append(res.loss)
+                clipped = (
+                    CLIP_MODES[self.clip_mode](res.loss, self.clip) if self.clip is not None else res.loss
+                )
+                outs.append(clipped)
+            loss = torch.stack(outs).mean() * self.weight + self._graph_anchor(used)
+        if not self.compute_stats:
+            if flags is not None:
+                self._raise_on_flags(flags.tolist(), features, mask)
+            return loss, {}
+        return loss, self._stats(loss, torch.stack(raws), results, flags, features, mask)
+
+    def _graph_anchor(self, used: Sequence[torch.Tensor]) -> torch.Tensor:
+        """An exact zero that depends on every head parameter and every used feature map, so that the
+        loss is attached to the graph even when no term is active and DDP sees every head used."""
+        terms = [p.reshape(-1)[:1].sum() for p in self.heads.parameters()]
+        terms += [f.reshape(-1)[:1].sum() for f in used]
+        return torch.stack([t.float() for t in terms]).sum() * 0.0
+
+    # ------------------------------------------------------------------ stats
+    def _stats(
+        self,
+        loss: torch.Tensor,
+        raws: torch.Tensor,
+        results: list[GroupResult],
+        flags: torch.Tensor | None,
+        features: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+    ) -> dict[str, Any]:
+        """All stats from one stacked tensor and a single ``tolist()`` (the only host sync)."""
+        clip = float("inf") if self.clip is None or self.clip_mode == "none" else self.clip
+        pos = torch.stack([r.positives for r in results]).sum(0)  # (S, K)
+        neg = torch.stack([r.negatives for r in results]).sum(0)
+        pairs = torch.stack([r.pairs for r in results]).sum(0)
+        t_act = torch.stack([r.term_active for r in results]).float()  # (G, S, K, T)
+        terms = (torch.stack([r.terms for r in results]) * t_act).sum(0) / t_act.sum(0).clamp(min=1)
+        active = torch.stack([r.active for r in results])  # (G, S, K)
+        present = torch.stack([r.present for r in results])  # (G, K)
+        n_terms = present.sum(-1).float().sum() * len(self.cfg.stages)
+        skipped = (present[:, None, :] & ~active).sum().float()
+        head = torch.stack(
+            [
+                raws.detach().mean(),
+                loss.detach(),
+                (raws.detach() > clip).float().mean(),
+                active.any().float(),
+                skipped / n_terms.clamp(min=1),
+            ]
+        )
+        parts = [
+            head.float(),
+            pos.sum(-1),
+            neg.sum(-1),
+            pairs.sum(-1),
+            pos.flatten(),
+            neg.flatten(),
+            pairs.flatten(),
+        ]
+        parts.append(terms.flatten())
+        if flags is not None:
+            parts.append(flags)
+        values = torch.cat([p.float().reshape(-1).to(loss.device) for p in parts]).tolist()
+        if flags is not None:
+            self._raise_on_flags(values[-2:], features, mask)
+        return self._name_stats(values)
+
+    def _name_stats(self, values: list[float]) -> dict[str, float]:
+        names = ["loss_raw", "loss", "clipped", "active", "skipped_fraction"]
+        stages, K = self.cfg.stages, self.cfg.num_classes
+        for key in ("positives", "negatives", "pairs"):
+            names += [f"stage{s}/{key}" for s in stages]
+        for key in ("positives", "negatives", "pairs"):
+            names += [f"stage{s}/class{c}/{key}" for s in stages for c in range(K)]
+        term_names = PAPER_TERMS[self.cfg.loss].term_names
+        names += [f"stage{s}/class{c}/{t}" for s in stages for c in range(K) for t in term_names]
+        return dict(zip(names, values[: len(names)], strict=True))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"loss={c.loss!r}, mode={c.mode!r}, stages={list(c.stages)}, num_classes={c.num_classes}, "
+            f"ignore_index={c.ignore_index}, sampling={c.sampling!r}, clip={self.clip}, "
+            f"clip_mode={self.clip_mode!r}, weight={self.weight}, group_size={self.group_size}"
+        )

@@ -1,0 +1,86 @@
+"""Pair losses of CT: the paper's CL (soft cross-entropy on a [0, 1] similarity) and InfoNCE.
+
+Everything here is batched over a leading class dimension ``K`` and works on fixed-size, masked
+tensors, so the paper mode needs neither Python loops over classes nor host synchronisations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Per-pair CL value range with smoothing 0.1: label 1 at cos = 1 / 0 / -1 → 0.3633 / 0.6931 / 1.2633.
+CL_MIN, CL_MAX = 0.3633, 1.2633
+
+
+def cl_pair_loss(cos: torch.Tensor, same: bool, smoothing: float = 0.1) -> torch.Tensor:
+    """CL value of every pair, elementwise over ``cos`` (any shape).
+
+    The reference maps ``s = (cos + 1) / 2`` and feeds ``[1 − s, s]`` to a 2-way soft cross-entropy
+    *as logits*; their difference is ``2s − 1 = cos``, so ``log p(same) = logsigmoid(cos)`` and
+    ``log p(different) = logsigmoid(−cos)`` (closed form, no softmax over a stacked tensor).
+    Loss = ``(1 − ε)·(−log p[label]) + (ε / 2)·(−log p(same) − log p(different))``.
+    """
+    log_same, log_diff = F.logsigmoid(cos), F.logsigmoid(-cos)
+    nll = -(log_same if same else log_diff)
+    return (1.0 - smoothing) * nll - (smoothing / 2.0) * (log_same + log_diff)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` along ``dim``; 0 (not NaN) where nothing is selected."""
+    m = mask.to(values.dtype)
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim)
+    return total / m.sum(dim).clamp(min=1.0)
+
+
+def hard_pairs(
+    sim: torch.Tensor, valid: torch.Tensor, take_top: float, most_similar: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive hard-pair mining: keep the ``take_top`` fraction of the most (or least) similar valid pairs.
+
+    Args:
+        sim: ``(K, n)`` pair similarities.
+        valid: ``(K, n)`` bool, which pairs exist.
+        take_top: fraction kept; at least one pair is kept when any exists.
+        most_similar: True for hard negatives (descending), False for hard positives (ascending).
+
+    Returns:
+        ``order`` ``(K, n)`` long (pair indices, hardest first; invalid pairs last) and ``keep``
+        ``(K, n)`` bool in that sorted order.
+    """
+    fill = float("-inf") if most_similar else float("inf")
+    key = torch.where(valid, sim.detach(), torch.full((), fill, dtype=sim.dtype, device=sim.device))
+    order = torch.sort(key, dim=-1, descending=most_similar, stable=True).indices
+    n_valid = valid.sum(-1)
+    n_keep = torch.floor(n_valid.to(torch.float64) * take_top).to(torch.long)
+    n_keep = torch.where(n_valid > 0, n_keep.clamp(min=1), n_keep)
+    keep = torch.arange(sim.shape[-1], device=sim.device)[None, :] < n_keep[:, None]
+    return order, keep
+
+
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_valid: torch.Tensor,
+    negatives: torch.Tensor,
+    negatives_valid: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """InfoNCE with one positive key per query and a shared ("unpaired") negative set, per class.
+
+    Args:
+        query, key: ``(K, Q, d)`` unit vectors; row i of ``key`` is the positive of row i of ``query``.
+        query_valid: ``(K, Q)`` bool.
+        negatives: ``(K, M, d)`` unit vectors, shared by all queries of a class.
+        negatives_valid: ``(K, M)`` bool.
+
+    Returns:
+        ``(K,)`` mean cross-entropy over the valid queries (target = the positive key); 0 where a
+        class has no valid query.
+    """
+    pos = (query * key).sum(-1, keepdim=True) / temperature  # (K, Q, 1)
+    neg = torch.bmm(query, negatives.transpose(1, 2)) / temperature  # (K, Q, M)
+    neg = neg.masked_fill(~negatives_valid[:, None, :], float("-inf"))
+    logits = torch.cat([pos, neg], dim=-1)
+    per_query = torch.logsumexp(logits, dim=-1) - pos.squeeze(-1)
+    return masked_mean(per_query, query_valid)

@@ -1,0 +1,130 @@
+"""Ground-truth patches: per-stage, per-class pixel counts of every feature patch.
+
+A feature map of shape ``(B, C_s, H_s, W_s)`` computed from an input of ``(H, W)`` pixels has a patch
+size ``p_s = ceil(H / H_s)`` (the same for ``W``); feature patch ``(i, j)`` covers pixels
+``[i·p_s, (i+1)·p_s) × [j·p_s, (j+1)·p_s)`` because backbones pad their inputs bottom/right. The
+mask is therefore padded bottom/right with ``ignore_index`` to ``(H_s·p_s, W_s·p_s)``; a padded pixel
+counts for no class, so a patch that reaches into the padding is never a positive (it is not
+homogeneous) but can be a negative.
+
+All stages come from one pooling of the one-hot mask at the finest common patch size
+``g = gcd(p_s)``; coarser stages are sums of those counts (exact, integer-valued).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ctseg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StageGrid:
+    """Geometry of one stage: feature-map size ``(h, w)`` and square patch size ``p`` in pixels."""
+
+    h: int
+    w: int
+    p: int
+
+    @property
+    def num_patches_per_image(self) -> int:
+        return self.h * self.w
+
+    @property
+    def patch_pixels(self) -> int:
+        return self.p * self.p
+
+
+def infer_patch_size(mask_hw: tuple[int, int], feature_hw: tuple[int, int], stage: int) -> int:
+    """Patch size of a stage from shapes: ``p = ceil(H / H_s)``, checked against ``W``.
+
+    Raises ConfigError when the feature map cannot come from this mask by a bottom/right-padded
+    strided backbone: different patch sizes along H and W, or a padding of a whole patch or more.
+    """
+    (H, W), (hs, ws) = mask_hw, feature_hw
+    if hs <= 0 or ws <= 0:
+        raise ConfigError(f"CT loss: stage {stage} feature map has an empty spatial size {hs}×{ws}")
+    ph, pw = math.ceil(H / hs), math.ceil(W / ws)
+    if ph != pw:
+        raise ConfigError(
+            f"CT loss: stage {stage} feature map {hs}×{ws} implies patch size {ph} along H but {pw} "
+            f"along W for a {H}×{W} mask; patches must be square"
+        )
+    p = ph
+    if hs * p - H >= p or ws * p - W >= p:
+        raise ConfigError(
+            f"CT loss: stage {stage} feature map {hs}×{ws} does not tile a {H}×{W} mask with patch size "
+            f"{p} (it would need {hs * p - H}×{ws * p - W} pixels of padding, a whole patch or more)"
+        )
+    return p
+
+
+def stage_grids(
+    mask_hw: tuple[int, int], feature_hws: Sequence[tuple[int, int]], stages: Sequence[int]
+) -> list[StageGrid]:
+    """One :class:`StageGrid` per entry of ``feature_hws`` (``stages`` only names them in errors)."""
+    return [
+        StageGrid(h, w, infer_patch_size(mask_hw, (h, w), s))
+        for (h, w), s in zip(feature_hws, stages, strict=True)
+    ]
+
+
+def _base_size(grids: Sequence[StageGrid], g: int) -> tuple[int, int]:
+    # The base grid (cells of g×g pixels) must cover every stage's padded extent.
+    return max(gr.h * gr.p for gr in grids) // g, max(gr.w * gr.p for gr in grids) // g
+
+
+def _pool_to_stage(base: torch.Tensor, grid: StageGrid, g: int) -> torch.Tensor:
+    """Sum base cells ``(B, K, Hb, Wb)`` into stage patches ``(B, K, h, w)``; cells beyond the stage's
+    padded extent lie entirely in the padding (zero counts), so cropping them is exact."""
+    k = grid.p // g
+    x = base[:, :, : grid.h * k, : grid.w * k]
+    if k == 1:
+        return x.contiguous()
+    B, K = x.shape[:2]
+    return x.reshape(B, K, grid.h, k, grid.w, k).sum(dim=(3, 5))
+
+
+def patch_class_counts(
+    mask: torch.Tensor, num_classes: int, grids: Sequence[StageGrid]
+) -> list[torch.Tensor]:
+    """Pixel count of every class in every patch of every stage.
+
+    Args:
+        mask: ``(B, H, W)`` integer labels; values outside ``[0, num_classes)`` (the ignore index,
+            padding) count for no class.
+        num_classes: K.
+        grids: stage geometries from :func:`stage_grids`.
+
+    Returns:
+        one ``(B, K, h_s, w_s)`` int32 tensor per stage with values in ``[0, p_s²]``.
+        Positive for class c ⇔ ``count == p_s²``; negative ⇔ ``count == 0``.
+    """
+    B, H, W = mask.shape
+    g = math.gcd(*[gr.p for gr in grids])
+    Hb, Wb = _base_size(grids, g)
+    # Pad the labels (not a one-hot) with a non-class value: the one-hot is then built as bool, one
+    # byte per pixel and class, and summed in int32 (exact, and 4x smaller than a float one-hot).
+    padded = F.pad(mask, (0, Wb * g - W, 0, Hb * g - H), value=-1)
+    classes = torch.arange(num_classes, device=mask.device, dtype=mask.dtype)
+    onehot = padded[:, None] == classes[None, :, None, None]
+    base = onehot.reshape(B, num_classes, Hb, g, Wb, g).sum(dim=(3, 5), dtype=torch.int32)
+    return [_pool_to_stage(base, gr, g) for gr in grids]
+
+
+def patch_class_means(probs: torch.Tensor, grids: Sequence[StageGrid]) -> list[torch.Tensor]:
+    """Mean class probability over every patch: ``(B, K, H, W)`` → per stage ``(B, K, h_s, w_s)``.
+
+    Padding pixels count as probability 0 (the mean divides by ``p_s²``), matching the counts above.
+    """
+    B, K, H, W = probs.shape
+    g = math.gcd(*[gr.p for gr in grids])
+    Hb, Wb = _base_size(grids, g)
+    x = F.pad(probs.to(torch.float32), (0, Wb * g - W, 0, Hb * g - H))
+    base = F.avg_pool2d(x, g, g, divisor_override=1) if g > 1 else x
+    return [_pool_to_stage(base, gr, g) / gr.patch_pixels for gr in grids]
