@@ -20,8 +20,10 @@ that.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from ctseg.errors import ConfigError
@@ -529,3 +531,34 @@ def _dubai() -> Protocol:
             "val Tile 2 / test Tiles 7-8, Unlabeled and black -> ignore, mIoU over all 5 classes"
         ),
     )
+
+
+def load_protocol(spec: str | Path) -> Protocol:
+    """A protocol from a preset name or a JSON / YAML file.
+
+    A file holds either a complete protocol (the :meth:`Protocol.to_dict` form) or a preset with
+    changes: ``{"base": "potsdam-paper", "val_is_test": true}``.
+    """
+    if isinstance(spec, str) and spec in _REGISTRY:
+        return get_protocol(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown protocol {str(spec)!r}: neither a preset ({', '.join(sorted(_REGISTRY))}) nor a file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # any parse failure is the user's file
+        raise ConfigError(f"{path}: cannot read protocol ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a protocol file must hold a mapping, not {type(raw).__name__}")
+    if "base" in raw:
+        base = raw.pop("base")
+        return get_protocol(base, **raw)
+    return Protocol.from_dict(raw)
