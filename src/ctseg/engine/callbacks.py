@@ -26,11 +26,12 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 
 class ExactSampling(Callback):
-    """Re-builds the datamodule's loaders on exact samplers (:mod:`ctseg.engine.sampling`).
+    """Exact resume and exact distributed evaluation (:mod:`ctseg.engine.sampling`).
 
-    Training: an :class:`~ctseg.engine.sampling.EpochSampler` (resume-exact shuffling and RNG state;
-    sharded across processes). Validation / test: unpadded sharding, so that the synced confusion
-    matrix counts every sample exactly once whatever the number of processes.
+    * before every training step, seeds the global RNGs from ``(seed, global_step, rank)``;
+    * a training loader with a global-RNG ``RandomSampler`` is re-built on an epoch-seeded sampler;
+    * validation / test loaders are sharded without padding when several processes run, so that the
+      synced confusion matrix counts every sample exactly once.
 
     Args:
         seed: base seed; ``None`` = the run's ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
@@ -39,12 +40,14 @@ class ExactSampling(Callback):
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
 
+    def _seed(self) -> int:
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         if dm is None or getattr(dm, "_ctseg_exact_sampling", False):
             return
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        world, rank = trainer.world_size, trainer.global_rank
+        seed, world, rank = self._seed(), trainer.world_size, trainer.global_rank
         for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
             original = getattr(dm, name, None)
             if original is None:
@@ -60,6 +63,11 @@ class ExactSampling(Callback):
 
             setattr(dm, name, wrapped)
         dm._ctseg_exact_sampling = True
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        sampling.seed_all(sampling.step_seed(self._seed(), trainer.global_step, trainer.global_rank))
 
 
 def _map_loaders(loaders: Any, fn: Any) -> Any:

@@ -114,7 +114,7 @@ class SegmentationModule(pl.LightningModule):
         import ctseg.models
 
         self.protocol = protocol
-        ct = None if self.ct_config is None else dict(self.ct_config)
+        ct = self._model_ct_config()
         self.model = ctseg.models.create(
             self.model_name,
             num_classes=protocol.num_classes,
@@ -174,13 +174,16 @@ class SegmentationModule(pl.LightningModule):
         assert self.model is not None
         return self.model(x)
 
-    def _ct_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
+    def _model_ct_config(self) -> dict[str, Any] | None:
+        """The CT config handed to the model: ``ct`` plus the module-level group / gather options."""
+        if self.ct_config is None:
+            return None
+        ct = dict(self.ct_config)
         if self.hparams.ct_group_size is not None:
-            kw["group_size"] = int(self.hparams.ct_group_size)
+            ct["group_size"] = int(self.hparams.ct_group_size)
         if self.hparams.ct_gather_negatives:
-            kw["gather_negatives"] = True
-        return kw
+            ct["gather_negatives"] = True
+        return ct
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         assert self.model is not None and self.seg_loss is not None
@@ -192,7 +195,10 @@ class SegmentationModule(pl.LightningModule):
         seg = self.seg_loss(logits, y)
         loss = seg
         if feats is not None:
-            ct_loss, stats = self.model.ct_loss(feats, y, **self._ct_kwargs())
+            probs = None
+            if self.ct_config.get("sampling") == "confidence":
+                probs = logits.detach().float().softmax(dim=1)
+            ct_loss, stats = self.model.ct_loss(feats, y, probs=probs)
             loss = loss + ct_loss
             self._accumulate_ct(stats)
         n = x.shape[0]
@@ -284,6 +290,8 @@ class SegmentationModule(pl.LightningModule):
     def _accumulate_ct(self, stats: dict[str, Any]) -> None:
         self._ct_steps += 1
         for key, value in stats.items():
+            if "/class" in key:  # per-class detail: too fine for epoch logs
+                continue
             try:
                 v = float(value)
             except (TypeError, ValueError):
@@ -341,7 +349,7 @@ class SegmentationModule(pl.LightningModule):
             model_kwargs=self.model_kwargs,
             protocol=self.protocol,
             normalization=self.normalization or IMAGENET_NORMALIZATION,
-            ct=self.ct_config,
+            ct=self._model_ct_config(),
         )
         checkpoint["ctseg_history"] = list(self.history)
 

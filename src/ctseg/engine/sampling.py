@@ -1,18 +1,19 @@
-"""Samplers that make training resumable bit-for-bit and distributed evaluation exact.
+"""Samplers and seeding that make training resumable bit-for-bit and distributed evaluation exact.
 
-* :class:`EpochSampler` (training): the shuffle order is a function of ``(seed, epoch)`` only, and the
-  global RNGs (``random``, NumPy, torch) are re-seeded from ``(seed, epoch, rank)`` at the moment the
-  epoch's first index is drawn, i.e. just before the first sample is loaded and augmented. Lightning
-  creates the loader iterator at different points for a fresh epoch and for the first epoch after a
-  resume; seeding inside the sampler is the one place that is the same in both, so a run killed after
-  an epoch and resumed from its checkpoint draws the same augmentations and CT samples as an
-  uninterrupted one (with ``num_workers=0``; worker processes have their own RNGs, seeded by the
-  datamodule).
+* Model-side randomness (CT sampling, dropout, drop-path) is re-seeded before every optimizer step
+  from ``(seed, global_step, rank)`` (:func:`step_seed`), so it does not depend on how the RNG state
+  was reached: a run killed after an epoch and resumed from its checkpoint draws the same CT samples
+  as an uninterrupted one. Lightning does not checkpoint RNG states, and it creates the loader
+  iterator at different points for a fresh epoch and for the first epoch after a resume, so seeding
+  "per epoch" from a hook is not enough.
+* Data-side randomness belongs to the training sampler: the datamodule's sampler gives each sample
+  its own seed from ``(seed, epoch)``; a loader with a plain ``RandomSampler`` (global RNG) is
+  re-built on an :class:`EpochSampler` (order from ``(seed, epoch)`` only).
 * :class:`UnpaddedDistributedSampler` (validation / test): each rank gets a disjoint share of the
   samples and none is duplicated (``DistributedSampler`` pads to a multiple of the world size, which
   counts the padded samples twice in the confusion matrix).
 
-Both subclass ``DistributedSampler`` so that Lightning leaves them in place.
+Both samplers subclass ``DistributedSampler`` so that Lightning leaves them in place.
 """
 
 from __future__ import annotations
@@ -41,38 +42,17 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochSampler(DistributedSampler):
-    """Shuffled (or sequential) indices determined by ``(seed, epoch)``; re-seeds global RNGs per epoch.
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of optimizer step ``step`` on process ``rank`` of a run seeded with ``seed``."""
+    return _mix(seed, step, rank)
 
-    With ``num_replicas == 1`` it is an ordinary shuffling sampler. ``drop_last`` as in
+
+class EpochSampler(DistributedSampler):
+    """Shuffled (or sequential) indices determined by ``(seed, epoch)`` only; Lightning calls ``set_epoch``.
+
+    With ``num_replicas == 1`` it is an ordinary shuffling sampler; ``drop_last`` as in
     ``DistributedSampler`` (drop the tail that does not divide evenly across ranks).
     """
-
-    def __init__(
-        self,
-        dataset: Sized,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        reseed_globals: bool = True,
-    ) -> None:
-        super().__init__(
-            dataset,  # type: ignore[arg-type]
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-        )
-        self.reseed_globals = reseed_globals
-
-    def __iter__(self) -> Iterator[int]:
-        # A generator: this body runs at the first next(), right before the first sample is loaded.
-        if self.reseed_globals:
-            seed_all(_mix(self.seed, self.epoch, self.rank))
-        yield from super().__iter__()
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -109,24 +89,17 @@ def _loader_with_sampler(loader: DataLoader, sampler: DistributedSampler, drop_l
     return DataLoader(loader.dataset, sampler=sampler, **kwargs)
 
 
-def _is_shuffled(loader: DataLoader) -> bool:
-    sampler = loader.sampler
-    if isinstance(sampler, DistributedSampler):
-        return bool(sampler.shuffle)
-    return isinstance(sampler, torch.utils.data.RandomSampler)
-
-
 def train_loader(loader: DataLoader, seed: int, num_replicas: int = 1, rank: int = 0) -> DataLoader:
-    """``loader`` re-built on an :class:`EpochSampler`; a loader that already has one is returned as is."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.sampler, EpochSampler):
-        return loader
-    if loader.batch_size is None:  # a custom batch_sampler: leave it to its owner
-        return loader
+    """A loader drawing from a global-RNG ``RandomSampler`` re-built on an :class:`EpochSampler`."""
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return loader  # custom batch samplers are left to their owner
+    if not isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        return loader  # sequential, or a sampler that seeds itself per epoch (set_epoch)
     sampler = EpochSampler(
         loader.dataset,  # type: ignore[arg-type]
         num_replicas=num_replicas,
         rank=rank,
-        shuffle=_is_shuffled(loader),
+        shuffle=True,
         seed=seed,
         drop_last=loader.drop_last and num_replicas > 1,
     )

@@ -1,0 +1,179 @@
+"""``ctseg fit | validate | test | predict``: LightningCLI over :class:`SegmentationModule` and
+:class:`SegmentationDataModule`.
+
+What this adds to a plain LightningCLI:
+
+* the run folder is ``trainer.default_root_dir`` (one per experiment, no ``version_N``): the resolved
+  ``config.yaml``, ``metrics.csv`` (CSV logger), ``tensorboard/``, ``checkpoints/`` (``best-*.ckpt`` by
+  val mIoU, ``last.ckpt``), ``metrics.json`` / ``report.md`` / ``curves.png``; so ``--ckpt_path last``
+  resumes the run in place;
+* always-on callbacks: exact sampling and per-step seeding (resume-exact), the one-line epoch summary,
+  the run report, a rich progress bar;
+* config files may start with ``__base__: <file or list of files>`` (paths relative to the file):
+  the bases are applied first, so a per-row config only states what differs
+  (``--config`` may still be repeated; later files and command-line overrides win).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from ctseg.data.datamodule import SegmentationDataModule
+from ctseg.engine.callbacks import EpochLogLine, ExactSampling, RunReport
+from ctseg.engine.module import SegmentationModule
+from ctseg.errors import ConfigError
+
+BASE_KEY = "__base__"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_ROOT = "runs/default"
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def expand_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[str]:
+    """``--config`` values for one file: its ``__base__`` chain (recursively) first, then the file itself.
+
+    Files without ``__base__`` are passed by path (so jsonargparse resolves relative paths against them);
+    a file with one is passed as its YAML text without the key.
+    """
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: circular {BASE_KEY} chain: {' -> '.join(str(p) for p in (*_seen, path))}")
+    data = _load_yaml(path)
+    if BASE_KEY not in data:
+        return [str(path)]
+    bases = data.pop(BASE_KEY)
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a file name or a list of file names")
+    out: list[str] = []
+    for base in bases:
+        out += expand_config(path.parent / base, (*_seen, path))
+    out.append(yaml.safe_dump(data, sort_keys=False) if data else "{}")
+    return out
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+    """Replace every ``--config FILE`` / ``--config=FILE`` / ``-c FILE`` by its expanded chain."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        if Path(value).suffix in (".yaml", ".yml") or Path(value).is_file():
+            for item in expand_config(value):
+                out += ["--config", item]
+        else:
+            out += ["--config", value]
+    return out
+
+
+class CtsegCLI(LightningCLI):
+    """LightningCLI with the ctseg run layout and callbacks (see module docstring)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--tensorboard", type=bool, default=True, help="also log to TensorBoard (<run>/tensorboard)"
+        )
+        parser.add_argument(
+            "--save_top_k", type=int, default=1, help="how many best checkpoints (by val/mIoU) to keep"
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        cfg = self._get(self.config_init, "trainer", default={})
+        root = Path(cfg.get("default_root_dir") or DEFAULT_ROOT)
+        cfg["default_root_dir"] = str(root)
+        sub = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if cfg.get("logger") in (None, True):
+            loggers: list[Any] = [CSVLogger(save_dir=str(root), name="", version="")]
+            if sub.get("tensorboard", True):
+                with contextlib.suppress(ModuleNotFoundError):  # the tensorboard extra is optional
+                    loggers.append(TensorBoardLogger(save_dir=str(root), name="", version="tensorboard"))
+            cfg["logger"] = loggers
+        extra = [
+            ModelCheckpoint(
+                dirpath=str(root / "checkpoints"),
+                filename="best-epoch{epoch:03d}-miou{val/mIoU:.4f}",
+                auto_insert_metric_name=False,
+                monitor="val/mIoU",
+                mode="max",
+                save_top_k=int(sub.get("save_top_k", 1)),
+                save_last=True,
+            ),
+            ExactSampling(),
+            EpochLogLine(),
+            RunReport(),
+        ]
+        if cfg.get("enable_progress_bar", True) is not False:
+            extra.append(RichProgressBar(leave=True))
+        if cfg.get("logger") is not False and self.subcommand == "fit":
+            extra.append(LearningRateMonitor(logging_interval="epoch"))
+        extra += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        return self._instantiate_trainer({**cfg, **kwargs}, extra)
+
+
+def run_cli(command: str, argv: list[str], *, run: bool = True) -> CtsegCLI:
+    """Run ``ctseg <command> argv`` (``command`` in fit / validate / test / predict)."""
+    if command not in SUBCOMMANDS:
+        raise ConfigError(f"unknown command {command!r}; expected one of {', '.join(SUBCOMMANDS)}")
+    return CtsegCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        args=[command, *expand_argv(list(argv))],
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": "ctseg"},
+        run=run,
+    )
+
+
+class _ParseOnlyCLI(CtsegCLI):
+    """Parses and validates a configuration without building the model, data or trainer."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_config(command: str, argv: list[str]) -> Any:
+    """The resolved config (a jsonargparse ``Namespace`` of the sub-command) of ``ctseg <command> argv``."""
+    cli = _ParseOnlyCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        args=[command, *expand_argv(list(argv))],
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": "ctseg"},
+    )
+    return cli.config[command]
