@@ -54,6 +54,24 @@ class EpochSampler(DistributedSampler):
     ``DistributedSampler`` (drop the tail that does not divide evenly across ranks).
     """
 
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            dataset,  # type: ignore[arg-type]
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+
 
 class UnpaddedDistributedSampler(DistributedSampler):
     """Rank ``r`` of ``R`` takes samples ``r, r+R, r+2R, ...``: disjoint, complete, no padding, no shuffle."""
