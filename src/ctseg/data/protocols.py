@@ -191,6 +191,12 @@ class Protocol:
                 raise ConfigError(f"{where}: {size_field} must be positive, got {value}")
         if self.tile_size is None and (self.tile_stride or self.eval_tile_stride):
             raise ConfigError(f"{where}: a tile stride needs a tile_size")
+        for stride_field in ("tile_stride", "eval_tile_stride"):
+            stride = getattr(self, stride_field)
+            if stride is not None and self.tile_size is not None and stride > self.tile_size:
+                raise ConfigError(
+                    f"{where}: {stride_field} {stride} > tile_size {self.tile_size} skips pixels"
+                )
         bad_flips = set(self.train_flips) - set(FLIPS)
         if bad_flips:
             raise ConfigError(f"{where}: train_flips must be among {FLIPS}, got {sorted(bad_flips)}")

@@ -329,6 +329,8 @@ def tile_count(length: int, size: int, stride: int) -> int:
     """
     if length <= 0 or size <= 0 or stride <= 0:
         raise ValueError(f"length, size and stride must be positive, got {length}, {size}, {stride}")
+    if stride > size:
+        raise ValueError(f"stride {stride} > tile size {size} would skip pixels")
     if length <= size:
         return 1
     return math.ceil((length - size) / stride) + 1
