@@ -1,0 +1,1 @@
+"""Data: named protocols, the prepared-folder layout, prepare steps, datasets, augmentation, synthetic scenes."""
