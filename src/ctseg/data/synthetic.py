@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -1280,7 +1281,8 @@ def write_synthetic_dataset(
                 )
             )
     manifest = Manifest(
-        protocol=get_protocol("synthetic").to_dict(),
+        # The JSON form (lists, not tuples), so that the returned manifest equals the one read back.
+        protocol=json.loads(json.dumps(get_protocol("synthetic").to_dict())),
         tiles=tiles,
         sources=[{"name": "synthetic", "generator": "ctseg.data.synthetic", "version": GENERATOR_VERSION}],
         extra={"synthetic": params},

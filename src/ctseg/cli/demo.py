@@ -1,0 +1,138 @@
+"""``ctseg demo``: generate the embedded synthetic aerial set and a preview of it.
+
+Steps are small functions so that later demo stages (training without and with CT, the comparison) can
+reuse them: :func:`generate_data` writes the prepared set, :func:`write_preview` draws a few of its tiles.
+
+    ctseg demo --out runs/demo --size 256 --n-train 16 --n-val 4 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ctseg.data.layout import Manifest, TileEntry, read_manifest
+from ctseg.data.preview import colorize
+from ctseg.data.protocols import get_protocol
+from ctseg.data.synthetic import write_synthetic_dataset
+from ctseg.errors import ConfigError, DataError
+from ctseg.utils.io import atomic_write_bytes
+
+DEFAULT_OUT = Path("runs/demo")
+DATA_DIR = "data"
+PREVIEW_NAME = "preview.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctseg demo",
+        description="Generate the synthetic aerial dataset (ISPRS classes) and a preview of it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (data in <out>/data)")
+    parser.add_argument("--size", type=int, default=256, help="scene side length in pixels")
+    parser.add_argument("--n-train", type=int, default=16, help="training scenes")
+    parser.add_argument("--n-val", type=int, default=4, help="validation scenes")
+    parser.add_argument("--n-test", type=int, default=4, help="test scenes")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--preview-tiles", type=int, default=4, help="scenes shown in preview.png")
+    return parser
+
+
+def generate_data(
+    out: str | Path, size: int, n_train: int, n_val: int, n_test: int = 4, seed: int = 0
+) -> tuple[Path, Manifest]:
+    """Write (or reuse, when identical) the synthetic set in ``<out>/data``. Returns its root and manifest."""
+    root = Path(out) / DATA_DIR
+    manifest = write_synthetic_dataset(
+        root, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed
+    )
+    return root, manifest
+
+
+def _pick_tiles(manifest: Manifest, count: int) -> list[TileEntry]:
+    """Up to ``count`` tiles, training first, then validation and test: what a user looks at first."""
+    ordered = [t for split in ("train", "val", "test") for t in manifest.split(split) if t.mask is not None]
+    return ordered[:count]
+
+
+def write_preview(data_root: str | Path, path: str | Path, count: int = 4) -> Path:
+    """Draw ``count`` tiles of a prepared folder as rows of (image | colour label) with a class legend.
+
+    Works for any prepared folder (``ctseg prepare`` or synthetic): colours come from its manifest's
+    protocol. The PNG is written atomically. Returns ``path``.
+    """
+    # matplotlib is imported here so that `ctseg demo --help` stays fast; the Agg canvas needs no display
+    # and leaves pyplot's global state alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if count < 1:
+        raise ConfigError(f"preview: count must be >= 1, got {count}")
+    root = Path(data_root)
+    manifest = read_manifest(root)
+    protocol = get_protocol(manifest.protocol)
+    tiles = _pick_tiles(manifest, count)
+    if not tiles:
+        raise DataError(root, "has no labelled tiles to preview")
+    fig = Figure(figsize=(6.4, 3.0 * len(tiles) + 0.9), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(tiles), 2, squeeze=False)
+    for row, tile in zip(axes, tiles):
+        image = _load(root / tile.image, "RGB")
+        mask = _load(root / tile.mask, "L")
+        row[0].imshow(image, interpolation="nearest")
+        row[1].imshow(colorize(mask, protocol), interpolation="nearest")
+        row[0].set_title(f"{tile.split}/{tile.id}", fontsize=8)
+        row[1].set_title("label", fontsize=8)
+        for ax in row:
+            ax.set_axis_off()
+    handles = [
+        Patch(facecolor=np.array(colour) / 255.0, edgecolor="0.4", label=name.replace("_", " "))
+        for name, colour in zip(protocol.classes, protocol.colors)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"{protocol.name}: {len(manifest.tiles)} tiles in {root}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.9 / fig.get_figheight(), 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _load(path: Path, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except OSError as exc:
+        raise DataError(path, f"cannot read image ({exc})") from exc
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("size", "preview_tiles"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("n_train", "n_val", "n_test"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.n_train + args.n_val + args.n_test == 0:
+        raise ConfigError("--n-train, --n-val and --n-test are all 0: nothing to generate")
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    _check_args(args)
+    root, manifest = generate_data(args.out, args.size, args.n_train, args.n_val, args.n_test, args.seed)
+    counts = ", ".join(f"{len(manifest.split(s))} {s}" for s in ("train", "val", "test"))
+    print(f"synthetic data: {counts} scenes of {args.size}x{args.size} px (seed {args.seed}) in {root}")
+    print(f"manifest: {root / 'manifest.json'}")
+    preview = write_preview(root, Path(args.out) / PREVIEW_NAME, count=args.preview_tiles)
+    print(f"preview: {preview}")
+    return 0
