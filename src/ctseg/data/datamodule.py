@@ -22,7 +22,6 @@ from ctseg.data.datasets import (
     SegmentationDataset,
     TileDataError,
     default_crop_window,
-    seed_worker,
 )
 from ctseg.data.layout import MANIFEST_NAME, Manifest, read_manifest
 from ctseg.data.protocols import Protocol, get_protocol
@@ -235,7 +234,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             num_workers=workers,
             collate_fn=PadCollate(self.ignore_index),
             pin_memory=self.pin_memory,
-            worker_init_fn=seed_worker,
+            # Torch seeds each worker's torch, numpy and ``random`` from this generator (base_seed +
+            # worker id), so workers differ from each other and a run repeats with the same seed.
             generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=workers > 0,
         )

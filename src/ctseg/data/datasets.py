@@ -49,7 +49,10 @@ class TileDataError(DataError):
 
 
 def _channels(mode: str) -> int:
-    return len(PILImage.getmodebands(mode)) if mode in PILImage.MODES else 0
+    try:
+        return PILImage.getmodebands(mode)
+    except (KeyError, ValueError):
+        return 0
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -271,19 +274,6 @@ class PadCollate:
             "id": [s["id"] for s in samples],
         }
         return batch
-
-
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed (distinct per worker).
-
-    Torch gives every worker ``base_seed + worker_id``; numpy and ``random`` would otherwise be copies of
-    the parent's state (identical in every worker).
-    """
-    import random
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def default_crop_window(crop_size: int, protocol: Protocol) -> int:
