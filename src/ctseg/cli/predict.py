@@ -43,8 +43,8 @@ def add_window_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--blend",
         choices=sorted(BLEND_WINDOWS),
-        default="gaussian",
-        help="blending profile (default gaussian)",
+        default="spline",
+        help="blending profile (default spline: smoothstep ramp over the overlap)",
     )
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     g = parser.add_argument_group("test-time augmentation")

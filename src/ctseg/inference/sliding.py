@@ -85,7 +85,7 @@ def _flat(size: int, overlap: int) -> torch.Tensor:
     return torch.ones(size, dtype=torch.float64)
 
 
-def blend_weights(window: int, overlap: int, kind: str = "gaussian") -> torch.Tensor:
+def blend_weights(window: int, overlap: int, kind: str = "spline") -> torch.Tensor:
     """The ``(window, window)`` float32 blending weight, max 1, never below :data:`MIN_WEIGHT`."""
     if kind not in BLEND_WINDOWS:
         raise ConfigError(f"unknown blend window {kind!r}; known: {', '.join(sorted(BLEND_WINDOWS))}")
@@ -166,13 +166,15 @@ class SlidingWindow:
     Attributes:
         window: window side in pixels (the network input is ``(B, 3, window, window)``).
         overlap: pixels shared by neighbouring windows (``0 <= overlap < window``).
-        blend: blending profile name in :data:`BLEND_WINDOWS` (``gaussian``, ``spline``, ``flat``).
+        blend: blending profile name in :data:`BLEND_WINDOWS`: ``spline`` (default; smoothstep ramp over
+            the overlap, a partition of unity), ``gaussian`` (sigma = window/8, as nnU-Net; meant for
+            overlap >= window/2, with less overlap the hand-over between windows gets sharp), ``flat``.
         batch_size: windows per forward pass.
     """
 
     window: int = 512
     overlap: int = 128
-    blend: str = "gaussian"
+    blend: str = "spline"
     batch_size: int = 4
 
     def __post_init__(self) -> None:
@@ -252,15 +254,15 @@ def iter_blended_rows(
     total = len(gy.starts) * len(gx.starts)
     weight = blend_weights(win, settings.overlap, settings.blend).to(device)
     norm = _normalizer(normalization, reader.input_max, device)
-    cols = torch.from_numpy(gx.source_index())
+    cols = gx.source_index()
     acc: torch.Tensor | None = None  # (K, win, Wp): weighted logits, rows relative to the window-row start
     wsum = torch.zeros(win, gx.padded, dtype=torch.float32, device=device)
     done = 0
     for r, y in enumerate(gy.starts):
         rows = reflect_index(np.arange(y, y + win) - gy.pad_before, height)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        band = torch.from_numpy(reader.read_rows(lo, hi))  # (hi - lo, W, 3), raw dtype
-        strip = band[torch.from_numpy(rows - lo)][:, cols]  # (win, Wp, 3)
+        band = reader.read_rows(lo, hi)  # (hi - lo, W, 3), raw dtype
+        strip = torch.from_numpy(band[rows - lo][:, cols])  # (win, Wp, 3), reflect-padded copy
         strip = strip.to(device, non_blocking=True).permute(2, 0, 1)  # (3, win, Wp)
         for b0 in range(0, len(gx.starts), settings.batch_size):
             xs = gx.starts[b0 : b0 + settings.batch_size]
@@ -326,12 +328,13 @@ def predict_large(
     *,
     window: int = 512,
     overlap: int = 128,
-    blend: str = "gaussian",
+    blend: str = "spline",
     batch_size: int = 4,
     tta: str | Sequence[str] | None = None,
     scales: Sequence[float] = (1.0,),
     normalization: dict[str, Sequence[float]] | None = None,
     input_max: float | None = None,
+    bands: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     return_probs: bool = False,
     return_logits: bool = False,
@@ -351,6 +354,7 @@ def predict_large(
         scales: multi-scale TTA factors.
         normalization: ``{"mean", "std"}`` on the 0-1 scale (an ``InferenceBundle``'s normalization).
         input_max: pixel value meaning full brightness (default 255 for uint8; required otherwise).
+        bands: three 1-based band / channel numbers to use as RGB (e.g. ``(1, 2, 3)`` of an RGBIR scene).
         device: where the model runs (default: the model's device).
         return_probs / return_logits: also return softmax probabilities / blended logits ``(K, H, W)``.
         progress: ``progress(done, total)`` window counter.
@@ -360,9 +364,9 @@ def predict_large(
 
     settings = SlidingWindow(window=window, overlap=overlap, blend=blend, batch_size=batch_size)
     if isinstance(image, np.ndarray):
-        reader: SceneReader = ArrayReader(image, input_max=input_max)
+        reader: SceneReader = ArrayReader(image, input_max=input_max, bands=bands)
     elif isinstance(image, str | Path):
-        reader = open_scene(image, input_max=input_max)
+        reader = open_scene(image, input_max=input_max, bands=bands)
     else:
         reader = image
     net = maybe_tta(model, tta, scales)

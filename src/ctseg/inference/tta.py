@@ -58,22 +58,24 @@ VIEWS: dict[str, View] = {
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
-    "hflip": ("identity", "hflip"),
     "flip": ("identity", "hflip", "vflip"),
     # GeoSeg's "lr" (ttach HorizontalFlip x VerticalFlip): 4 views.
     "flip4": ("identity", "hflip", "vflip", "rot180"),
-    "rot90": ("identity", "rot90", "rot180", "rot270"),
+    "rot": ("identity", "rot90", "rot180", "rot270"),
     "d4": tuple(VIEWS),
 }
-"""Named sets of views; ``--tta`` takes a preset or a comma-separated list of view names."""
+"""Named sets of views; ``--tta`` takes a preset or a comma-separated list of view names and presets."""
 
 
 def resolve_views(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Expand presets and view names (``"flip"``, ``"hflip,rot90"``, ``["d4"]``) into unique view names."""
+    """Expand presets and view names (``"flip"``, ``"hflip,rot90"``, ``["d4"]``) into unique view names.
+
+    The un-augmented input is always one of the views: ``"hflip"`` means the image and its mirror.
+    """
     if spec is None:
         return ("identity",)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names: list[str] = []
+    names: list[str] = ["identity"]
     for item in (i.strip() for i in items):
         if not item:
             continue
@@ -86,7 +88,7 @@ def resolve_views(spec: str | Sequence[str] | None) -> tuple[str, ...]:
                 f"unknown TTA view {item!r}; presets: {', '.join(PRESETS)}; views: {', '.join(VIEWS)}"
             )
         names.extend(n for n in expanded if n not in names)
-    return tuple(names) or ("identity",)
+    return tuple(names)
 
 
 class TTA(nn.Module):

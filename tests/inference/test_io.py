@@ -1,0 +1,262 @@
+"""Readers, streaming writers, predict_file outputs, GeoTIFF round trip, bad input, atomic outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctseg.errors import DataError, OutputError
+from ctseg.inference import io as cio
+from ctseg.inference.io import (
+    ArrayReader,
+    NpyStreamWriter,
+    OutputSet,
+    PNGStreamWriter,
+    colorize,
+    list_inputs,
+    open_scene,
+)
+from ctseg.inference.predict import predict_file
+from ctseg.inference.sliding import SlidingWindow, predict_large
+from tests.inference.conftest import pointwise_net, write_geotiff
+
+COLORS = [(255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0)]
+SETTINGS = SlidingWindow(window=32, overlap=8, batch_size=4)
+
+
+@pytest.mark.parametrize(("channels", "palette"), [(1, None), (1, COLORS), (3, None)])
+def test_png_stream_writer_round_trips(
+    tmp_path: Path, rng: np.random.Generator, channels: int, palette
+) -> None:
+    h, w = 45, 37
+    shape = (h, w) if channels == 1 else (h, w, 3)
+    hi = len(palette) if palette else 256
+    data = rng.integers(0, hi, shape, dtype=np.uint8)
+    with PNGStreamWriter(tmp_path / "a.png", w, h, channels=channels, palette=palette) as wr:
+        for y in range(0, h, 10):
+            wr.write(data[y : y + 10])
+    im = Image.open(tmp_path / "a.png")
+    assert im.mode == {(1, False): "L", (1, True): "P", (3, False): "RGB"}[(channels, palette is not None)]
+    np.testing.assert_array_equal(np.asarray(im), data)
+    if palette:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), colorize(data, palette))
+
+
+def test_png_writer_refuses_to_finish_an_incomplete_image(tmp_path: Path) -> None:
+    wr = PNGStreamWriter(tmp_path / "a.png", 4, 4)
+    wr.write(np.zeros((2, 4), np.uint8))
+    with pytest.raises(RuntimeError, match="2 of 4 rows"):
+        wr.close()
+
+
+def test_npy_stream_writer_round_trips(tmp_path: Path, rng: np.random.Generator) -> None:
+    data = rng.random((13, 9, 4)).astype(np.float32)
+    with NpyStreamWriter(tmp_path / "p.npy", 9, 13, 4) as wr:
+        wr.write(data[:5])
+        wr.write(data[5:])
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), data)
+
+
+def test_output_set_renames_all_or_nothing(tmp_path: Path) -> None:
+    with OutputSet(tmp_path) as out:
+        out.path("a.txt").write_text("a")
+        out.path("b.txt").write_text("b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(KeyError), OutputSet(other) as out:
+        out.path("a.txt").write_text("a")
+        raise KeyError("boom")
+    assert list(other.iterdir()) == []
+
+
+def test_predict_png_writes_labels_and_colour(tmp_path: Path, smooth_image: np.ndarray) -> None:
+    src = tmp_path / "in" / "tile.png"
+    src.parent.mkdir()
+    Image.fromarray(smooth_image).save(src)
+    model = pointwise_net(5)
+    res = predict_file(model, src, tmp_path / "out", SETTINGS, num_classes=5, colors=COLORS, probs=True)
+    assert set(res.outputs) == {"labels", "color", "probs"} and not res.georeferenced
+    labels = np.asarray(Image.open(res.outputs["labels"]))
+    ref = predict_large(model, smooth_image, window=32, overlap=8, return_probs=True)
+    np.testing.assert_array_equal(labels, ref.labels)
+    colour = np.asarray(Image.open(res.outputs["color"]).convert("RGB"))
+    np.testing.assert_array_equal(colour, colorize(ref.labels, COLORS))
+    probs = np.load(res.outputs["probs"])
+    assert probs.shape == (77, 101, 5)
+    np.testing.assert_allclose(probs, np.moveaxis(ref.probs, 0, -1), atol=1e-6)
+    # Only the outputs: no temporary files left behind.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "tile_color.png",
+        "tile_labels.png",
+        "tile_probs.npy",
+    ]
+
+
+def test_geotiff_round_trip_keeps_crs_transform_and_size(tmp_path: Path, smooth_image: np.ndarray) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    src = write_geotiff(tmp_path / "scene.tif", smooth_image)
+    model = pointwise_net(5)
+    res = predict_file(
+        model,
+        src,
+        tmp_path / "out",
+        SETTINGS,
+        num_classes=5,
+        colors=COLORS,
+        probs=True,
+        class_names=list("abcde"),
+    )
+    assert res.georeferenced and res.outputs["labels"].name == "scene_labels.tif"
+    with rasterio.open(src) as s, rasterio.open(res.outputs["labels"]) as d:
+        assert d.crs == s.crs and d.transform == s.transform
+        assert (d.width, d.height, d.count, d.dtypes[0]) == (s.width, s.height, 1, "uint8")
+        labels = d.read(1)
+        assert d.colormap(1)[1][:3] == COLORS[1]
+    ref = predict_large(model, smooth_image, window=32, overlap=8, return_probs=True)
+    np.testing.assert_array_equal(labels, ref.labels)
+    with rasterio.open(res.outputs["probs"]) as p:
+        assert (
+            p.count == 5 and p.crs == rasterio.crs.CRS.from_epsg(32632) and p.descriptions == tuple("abcde")
+        )
+        np.testing.assert_allclose(p.read(), ref.probs, atol=1e-6)
+    colour = np.asarray(Image.open(res.outputs["color"]).convert("RGB"))
+    np.testing.assert_array_equal(colour, colorize(ref.labels, COLORS))
+
+
+def test_geotiff_larger_than_a_tile_block_is_written_by_windows(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    image = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)
+    src = write_geotiff(tmp_path / "big.tif", image, crs="EPSG:4326", origin=(10.0, 50.0), gsd=1e-5)
+    model = pointwise_net(3)
+    res = predict_file(
+        model, src, tmp_path, SlidingWindow(window=64, overlap=16, batch_size=8), num_classes=3
+    )
+    with rasterio.open(res.outputs["labels"]) as d, rasterio.open(src) as s:
+        assert d.crs == s.crs and d.transform == s.transform and d.shape == s.shape
+        assert d.profile["tiled"] and d.block_shapes[0] == (256, 256)
+        np.testing.assert_array_equal(d.read(1), predict_large(model, image, window=64, overlap=16).labels)
+
+
+def test_geotiff_band_selection_and_non_uint8(tmp_path: Path, rng: np.random.Generator) -> None:
+    pytest.importorskip("rasterio")
+    rgbi = rng.integers(0, 4000, (40, 50, 4), dtype=np.uint16)
+    src = write_geotiff(tmp_path / "rgbi.tif", rgbi)
+    with pytest.raises(DataError, match="4 bands"):
+        open_scene(src, input_max=4000)
+    with pytest.raises(DataError, match="uint16.*input_max"):
+        open_scene(src, bands=(3, 2, 1))
+    with open_scene(src, bands=(3, 2, 1), input_max=4000) as r:
+        np.testing.assert_array_equal(r.read_rows(5, 9), rgbi[5:9, :, [2, 1, 0]])
+    model = pointwise_net()
+    a = predict_large(model, src, window=32, overlap=8, return_logits=True, input_max=4000, bands=(1, 2, 3))
+    b = predict_large(
+        model,
+        rgbi[:, :, :3].astype(np.float32) / 4000 * 255,
+        window=32,
+        overlap=8,
+        input_max=255.0,
+        return_logits=True,
+    )
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
+
+
+def test_float_geotiff_with_nan_is_a_data_error_naming_the_file(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    pytest.importorskip("rasterio")
+    img = rng.random((40, 40, 3)).astype(np.float32)
+    img[33, 7, 1] = np.nan
+    src = write_geotiff(tmp_path / "nan.tif", img)
+    with pytest.raises(DataError, match=r"nan\.tif.*NaN or Inf.*row 33"):
+        predict_file(pointwise_net(), src, tmp_path / "out", SETTINGS, num_classes=5, input_max=1.0)
+    assert list((tmp_path / "out").iterdir()) == []  # nothing partial left
+
+
+def test_failure_midway_leaves_no_partial_output(tmp_path: Path, smooth_image: np.ndarray) -> None:
+    class Flaky(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.calls = pointwise_net(), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls > 4:
+                raise RuntimeError("device lost")
+            return self.net(x)
+
+    src = tmp_path / "t.png"
+    Image.fromarray(smooth_image).save(src)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="device lost"):
+        predict_file(
+            Flaky(), src, out, SlidingWindow(window=32, overlap=8, batch_size=1), num_classes=5, probs=True
+        )
+    assert list(out.iterdir()) == []
+
+
+def test_geotiff_without_rasterio_says_how_to_install(
+    tmp_path: Path, smooth_image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("rasterio")  # to write the fixture
+    src = write_geotiff(tmp_path / "g.tif", smooth_image)
+    plain = tmp_path / "plain.tif"
+    Image.fromarray(smooth_image).save(plain)
+    monkeypatch.setattr(cio, "import_rasterio", lambda: None)
+    with pytest.raises(DataError, match=r"g\.tif.*GeoTIFF.*pip install ctseg\[geo\]"):
+        open_scene(src)
+    # A plain TIFF is read with Pillow and predicted to PNG.
+    with open_scene(plain) as r:
+        assert r.georef is None and (r.height, r.width) == smooth_image.shape[:2]
+        np.testing.assert_array_equal(r.read_rows(0, 3), smooth_image[:3])
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: p.write_bytes(b"not an image at all"), "cannot read image"),
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: Image.fromarray(np.zeros((8, 8), np.uint8)).save(p), "1 channel"),
+        (lambda p: Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(p), "4 channels"),
+    ],
+)
+def test_bad_images_are_data_errors_naming_the_file(tmp_path: Path, make, match: str) -> None:
+    path = tmp_path / "bad.png"
+    make(path)
+    with pytest.raises(DataError, match=rf"bad\.png.*{match}"):
+        open_scene(path)
+
+
+def test_bad_arrays_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="zero-size"):
+        ArrayReader(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(DataError, match="channels"):
+        ArrayReader(np.zeros((4, 5, 2), np.uint8))
+    with pytest.raises(DataError, match="no such file"):
+        open_scene(tmp_path / "missing.jpg")
+    with pytest.raises(DataError, match="no images"):
+        list_inputs(tmp_path)
+
+
+def test_unwritable_output_folder_is_an_output_error(tmp_path: Path, smooth_image: np.ndarray) -> None:
+    src = tmp_path / "t.png"
+    Image.fromarray(smooth_image).save(src)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="file"):
+        predict_file(pointwise_net(), src, blocker / "out", SETTINGS, num_classes=5)
+
+
+def test_palette_png_and_jpeg_inputs(tmp_path: Path, smooth_image: np.ndarray) -> None:
+    Image.fromarray(smooth_image).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(smooth_image).save(tmp_path / "j.jpg", quality=95)
+    assert [p.name for p in list_inputs(tmp_path)] == ["j.jpg", "p.png"]
+    for name in ("p.png", "j.jpg"):
+        with open_scene(tmp_path / name) as r:
+            assert r.read_rows(0, 2).shape == (2, 101, 3) and r.dtype == np.uint8
