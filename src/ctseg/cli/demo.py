@@ -81,7 +81,8 @@ def write_preview(data_root: str | Path, path: str | Path, count: int = 4) -> Pa
     tiles = _pick_tiles(manifest, count)
     if not tiles:
         raise DataError(root, "has no labelled tiles to preview")
-    fig = Figure(figsize=(6.4, 3.0 * len(tiles) + 0.9), dpi=100)
+    legend_h = 0.6  # inches below the grid for the class legend
+    fig = Figure(figsize=(6.4, 3.0 * len(tiles) + legend_h + 0.3), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(tiles), 2, squeeze=False)
     for row, tile in zip(axes, tiles):
@@ -97,9 +98,9 @@ def write_preview(data_root: str | Path, path: str | Path, count: int = 4) -> Pa
         Patch(facecolor=np.array(colour) / 255.0, edgecolor="0.4", label=name.replace("_", " "))
         for name, colour in zip(protocol.classes, protocol.colors)
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{protocol.name}: {len(manifest.tiles)} tiles in {root}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.9 / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1), h_pad=0.4)
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     path = Path(path)

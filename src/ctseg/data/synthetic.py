@@ -1127,7 +1127,7 @@ def generate_scene(
         raise ConfigError(
             f"synthetic data: gsd_m must be a number of metres per pixel in [0.02, 2], got {gsd_m!r}"
         )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_size("seed", seed, 0))
     targets = {cls: float(rng.uniform(lo, hi)) for cls, (lo, hi) in _TARGETS.items()}
     scene = _Scene.create(height, width, rng, float(gsd_m))
     _plan_roads(scene)
@@ -1150,7 +1150,8 @@ def scene_seed(seed: int, split: str, index: int) -> int:
     """The seed of scene ``index`` of ``split``: independent of how many scenes a set has."""
     if split not in SPLITS:
         raise ConfigError(f"synthetic data: unknown split {split!r}; known: {', '.join(SPLITS)}")
-    entropy = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, SPLITS.index(split), int(index)])
+    seed, index = _check_size("seed", seed, 0), _check_size("index", index, 0)
+    entropy = np.random.SeedSequence([seed, SPLITS.index(split), index])
     return int(entropy.generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -1232,7 +1233,7 @@ def write_synthetic_dataset(
         "val": _check_size("n_val", n_val, 0),
         "test": _check_size("n_test", n_test, 0),
     }
-    size = _check_size("size", size)
+    size, seed = _check_size("size", size), _check_size("seed", seed, 0)
     if sum(counts.values()) == 0:
         raise ConfigError("synthetic data: n_train + n_val + n_test must be at least 1")
     params: dict[str, Any] = {
