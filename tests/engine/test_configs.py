@@ -43,7 +43,9 @@ def test_every_file_is_a_row_or_a_base():
 
 def test_potsdam_paper_has_the_nine_table1_rows():
     names = {p.stem for p in (CONFIGS / "potsdam-paper").glob("*.yaml") if p.resolve() not in _bases()}
-    assert names == {f"{m}{ct}" for m in ("dcswin", "unetformer", "dcpoolformer") for ct in ("", "-cl", "-infonce")}
+    assert names == {
+        f"{m}{ct}" for m in ("dcswin", "unetformer", "dcpoolformer") for ct in ("", "-cl", "-infonce")
+    }
 
 
 @pytest.mark.parametrize("path", _rows(), ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -90,7 +92,12 @@ def test_base_chain_order_and_cycles(tmp_path):
     (tmp_path / "b.yaml").write_text(f"{BASE_KEY}: a.yaml\nmodel:\n  lr: 0.2\n")
     items = expand_config(tmp_path / "b.yaml")
     assert items[0].endswith("a.yaml") and "0.2" in items[1] and BASE_KEY not in items[1]
-    assert expand_argv(["--config", str(tmp_path / "a.yaml"), "--x", "1"]) == ["--config", str((tmp_path / "a.yaml").resolve()), "--x", "1"]
+    assert expand_argv(["--config", str(tmp_path / "a.yaml"), "--x", "1"]) == [
+        "--config",
+        str((tmp_path / "a.yaml").resolve()),
+        "--x",
+        "1",
+    ]
     (tmp_path / "c.yaml").write_text(f"{BASE_KEY}: d.yaml\n")
     (tmp_path / "d.yaml").write_text(f"{BASE_KEY}: c.yaml\n")
     with pytest.raises(ConfigError, match="circular"):

@@ -3,7 +3,13 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from ctseg.engine.sampling import EpochSampler, UnpaddedDistributedSampler, eval_loader, step_seed, train_loader
+from ctseg.engine.sampling import (
+    EpochSampler,
+    UnpaddedDistributedSampler,
+    eval_loader,
+    step_seed,
+    train_loader,
+)
 
 
 def test_unpadded_sampler_covers_each_sample_once():

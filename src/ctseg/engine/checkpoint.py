@@ -19,7 +19,6 @@ the model without its CT heads.
 from __future__ import annotations
 
 import copy
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +91,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # torch.load raises many types on garbage (IndexError, RuntimeError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: cannot read checkpoint (corrupt, truncated or not a torch file: {first})"

@@ -116,7 +116,7 @@ class CtsegCLI(LightningCLI):
             loggers: list[Any] = [CSVLogger(save_dir=str(root), name="", version="")]
             if sub.get("tensorboard", True):
                 with contextlib.suppress(ModuleNotFoundError):  # the tensorboard extra is optional
-                    loggers.append(TensorBoardLogger(save_dir=str(root), name="", version="tensorboard"))
+                    loggers.append(TensorBoardLogger(save_dir=str(root / "tensorboard"), name="", version=""))
             cfg["logger"] = loggers
         extra = [
             ModelCheckpoint(

@@ -86,7 +86,9 @@ class SegmentationModule(pl.LightningModule):
             raise ConfigError(f"ct_group_size must be >= 1, got {ct_group_size}")
         if lr <= 0:
             raise ConfigError(f"lr must be > 0, got {lr}")
-        self.save_hyperparameters()
+        # protocol / normalization live in the checkpoint's ctseg block; as hparams they would clash with
+        # the datamodule's hparams of the same name when loggers merge them.
+        self.save_hyperparameters(ignore=["protocol", "normalization"])
         self.model_name = model
         self.model_kwargs = dict(model_kwargs or {})
         self.ct_config = None if ct is None else dict(ct)
