@@ -71,6 +71,8 @@ def test_bad_arguments_raise_config_error() -> None:
         generate_scene(10, 2.5)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="gsd_m"):
         generate_scene(10, 10, gsd_m=0.0)
+    with pytest.raises(ConfigError, match="seed"):
+        generate_scene(10, 10, seed=-1)
 
 
 def test_every_class_appears(scenes: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -158,6 +160,9 @@ def test_scene_seed_depends_on_split_and_index_only() -> None:
     assert scene_seed(0, "train", 3) == scene_seed(0, "train", 3) != scene_seed(1, "train", 3)
     with pytest.raises(ConfigError, match="split"):
         scene_seed(0, "holdout", 0)
+    with pytest.raises(ConfigError, match="seed"):
+        scene_seed(-3, "train", 0)
+    assert scene_seed(2**40, "train", 0) != scene_seed(0, "train", 0)  # no 32-bit wrap-around
 
 
 def _write(root: Path, **kw: int) -> object:
