@@ -24,7 +24,14 @@ DUBAI_IGNORE = 5  # Unlabeled (155,155,155), stray black and any other colour
 
 
 def blocky_mask(
-    batch: int, height: int, width: int, num_classes: int, ignore_index: int, block: int, seed: int, ignore_frac=0.05
+    batch: int,
+    height: int,
+    width: int,
+    num_classes: int,
+    ignore_index: int,
+    block: int,
+    seed: int,
+    ignore_frac=0.05,
 ) -> torch.Tensor:
     """Piecewise-constant labels (blocks of ``block`` px) with a sprinkle of ignore pixels: ``(B, H, W)``."""
     g = torch.Generator().manual_seed(seed)

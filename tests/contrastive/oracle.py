@@ -77,7 +77,15 @@ def binary_infonce_term(pos, neg, take_top=0.5, temperature=0.1, max_pairs=2000)
 
 
 def oracle_loss(
-    heads, features, mask, stages=(0, 1, 2, 3), loss="cl", ignore_index=6, take_top=0.5, smoothing=0.1, temperature=0.1
+    heads,
+    features,
+    mask,
+    stages=(0, 1, 2, 3),
+    loss="cl",
+    ignore_index=6,
+    take_top=0.5,
+    smoothing=0.1,
+    temperature=0.1,
 ) -> torch.Tensor:
     """``alt_contrastive`` of one replica (before the clip)."""
     classes = [int(c) for c in torch.unique(mask) if int(c) != ignore_index]

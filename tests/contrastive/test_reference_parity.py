@@ -45,7 +45,12 @@ def test_parity_synthetic(loss, seed):
 def test_parity_real_dubai(loss, seed, dubai_root):
     torch.manual_seed(200 + seed)
     fn = PatchContrastiveLoss(
-        CHANNELS, num_classes=DUBAI_NUM_CLASSES, ignore_index=DUBAI_IGNORE, loss=loss, mode="reference", clip=None
+        CHANNELS,
+        num_classes=DUBAI_NUM_CLASSES,
+        ignore_index=DUBAI_IGNORE,
+        loss=loss,
+        mode="reference",
+        clip=None,
     )
     mask = dubai_crops(dubai_root, 2, 256, seed=seed)
     feats = stage_features(2, 256, 256, seed)
@@ -62,7 +67,7 @@ def test_parity_groups_and_clip(loss):
     )
     mask = blocky_mask(4, 128, 128, 6, 6, block=32, seed=3)
     feats = stage_features(4, 128, 128, 3)
-    ours, ref, stats = _pair(fn, feats, mask, 11, fn=oracle_clipped, group_size=2, loss=loss, ignore_index=6)
+    ours, ref, _stats = _pair(fn, feats, mask, 11, fn=oracle_clipped, group_size=2, loss=loss, ignore_index=6)
     assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
 
 
@@ -89,7 +94,9 @@ def test_infonce_small_branch_consumes_two_permutations():
     mask[:, :, 32:] = 1
     mask[:, :8, :8] = 2  # 2×2 stage-0 patches of 4 px
     mask[:, 8:12, :20] = 2  # + 5: class 2 has 9 stage-0 positives (5 ≤ 9 < 10)
-    fn = PatchContrastiveLoss(CHANNELS, num_classes=3, ignore_index=6, loss="infonce", mode="reference", clip=None)
+    fn = PatchContrastiveLoss(
+        CHANNELS, num_classes=3, ignore_index=6, loss="infonce", mode="reference", clip=None
+    )
     feats = stage_features(1, 64, 64, 1)
     ours, ref, stats = _pair(fn, feats, mask, 4, loss="infonce", ignore_index=6)
     assert ours.item() == pytest.approx(ref.item(), abs=1e-5)

@@ -45,7 +45,7 @@ def gather_negatives(
     parts = all_gather(z.contiguous(), group=group)
     counts = [torch.empty_like(count) for _ in range(ws)]
     dist.all_gather(counts, count.contiguous(), group=group)
-    K, M, _ = z.shape
+    _K, M, _ = z.shape
     valid = torch.cat([torch.arange(M, device=z.device)[None, :] < c[:, None] for c in counts], dim=1)
     # Stable sort on "invalid" moves the valid rows of every rank to the front, in rank order.
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices

@@ -59,7 +59,7 @@ def gather_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(*rows.shape, C)``.
     """
-    B, C, h, w = feature.shape
+    _B, C, h, w = feature.shape
     flat = rows.reshape(-1)
     b, hw = flat // (h * w), flat % (h * w)
     out = feature.flatten(2)[b, :, hw]  # (n, C); backward scatters into the map's gradient only

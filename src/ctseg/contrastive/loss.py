@@ -53,6 +53,9 @@ class PatchContrastiveLoss(nn.Module):
         mode: ``"paper"`` (the paper's text: fixed budgets, real hard-pair mining, vectorised, no host
             sync) or ``"reference"`` (the authors' code ``71f35b9`` exactly, incl. its RNG draws).
         stages: indices of the feature maps to use (default: all). Heads of unused maps are ``Identity``.
+        strides: patch size of every feature map in pixels (e.g. ``[4, 8, 16, 32]``); default: inferred
+            per call as ``ceil(H / H_s)`` (see ``patches.infer_patch_size``), ambiguous only for maps of
+            one or two patches.
         proj_dim: d of the projection heads (hidden width = d).
         take_top: share of pairs kept by hard mining (reference: of the random pairs).
         smoothing: CL label smoothing. temperature: InfoNCE τ.
@@ -105,6 +108,7 @@ class PatchContrastiveLoss(nn.Module):
         loss: str = "cl",
         mode: str = "paper",
         stages: Sequence[int] | None = None,
+        strides: Sequence[int] | None = None,
         proj_dim: int = 128,
         take_top: float = 0.5,
         smoothing: float = 0.1,
@@ -162,6 +166,9 @@ class PatchContrastiveLoss(nn.Module):
         )
         self.cfg.validate(len(in_channels))
         self.in_channels = tuple(int(c) for c in in_channels)
+        if strides is not None and (len(strides) != len(in_channels) or any(int(p) < 1 for p in strides)):
+            raise ConfigError(f"CT loss: strides {list(strides)} must be one positive int per feature map")
+        self.strides = None if strides is None else tuple(int(p) for p in strides)
         self.heads = build_heads(self.in_channels, self.cfg.stages, proj_dim)
         self.clip = clip
         self.clip_mode = clip_mode if clip is not None else "none"
@@ -190,9 +197,8 @@ class PatchContrastiveLoss(nn.Module):
                     f"CT loss: stage {s} features {tuple(f.shape)} do not match (B={mask.shape[0]}, "
                     f"C={self.in_channels[s]}, H_s, W_s)"
                 )
-        if self.cfg.sampling == "confidence":
-            if probs is None:
-                raise ConfigError("CT loss: sampling='confidence' needs probs=(B, K, H, W) in forward")
+        if self.cfg.sampling == "confidence" and probs is None:
+            raise ConfigError("CT loss: sampling='confidence' needs probs=(B, K, H, W) in forward")
         if probs is not None and tuple(probs.shape) != (mask.shape[0], self.cfg.num_classes, *mask.shape[1:]):
             raise ConfigError(
                 f"CT loss: probs {tuple(probs.shape)} must be (B, K, H, W) = "
@@ -233,7 +239,10 @@ class PatchContrastiveLoss(nn.Module):
         if flags is not None and self.cfg.mode == "reference":  # it syncs anyway; fail before any work
             self._raise_on_flags(flags.tolist(), features, mask)
             flags = None
-        grids = stage_grids(tuple(mask.shape[1:]), [tuple(f.shape[2:]) for f in used], self.cfg.stages)
+        strides = None if self.strides is None else [self.strides[s] for s in self.cfg.stages]
+        grids = stage_grids(
+            tuple(mask.shape[1:]), [tuple(f.shape[2:]) for f in used], self.cfg.stages, strides
+        )
         with torch.autocast(device_type=mask.device.type, enabled=False):
             counts = patch_class_counts(mask, self.cfg.num_classes, grids)
             conf = (

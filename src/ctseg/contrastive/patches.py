@@ -40,37 +40,44 @@ class StageGrid:
         return self.p * self.p
 
 
-def infer_patch_size(mask_hw: tuple[int, int], feature_hw: tuple[int, int], stage: int) -> int:
-    """Patch size of a stage from shapes: ``p = ceil(H / H_s)``, checked against ``W``.
+def infer_patch_size(
+    mask_hw: tuple[int, int], feature_hw: tuple[int, int], stage: int, stride: int | None = None
+) -> int:
+    """Patch size of a stage from shapes: ``p = ceil(H / H_s)`` (and ``ceil(W / W_s)``).
+
+    When both differ (tiny maps: a 1-row map fits any ``p ≥ H``) the larger is taken, the smallest
+    size consistent with both axes. ``stride`` (the backbone's, when known) is checked instead.
 
     Raises ConfigError when the feature map cannot come from this mask by a bottom/right-padded
-    strided backbone: different patch sizes along H and W, or a padding of a whole patch or more.
+    strided backbone: no square patch size gives ``ceil(H / p) = H_s`` and ``ceil(W / p) = W_s``
+    (e.g. a padding of a whole patch or more).
     """
     (H, W), (hs, ws) = mask_hw, feature_hw
     if hs <= 0 or ws <= 0:
         raise ConfigError(f"CT loss: stage {stage} feature map has an empty spatial size {hs}×{ws}")
     ph, pw = math.ceil(H / hs), math.ceil(W / ws)
-    if ph != pw:
+    p = max(ph, pw) if stride is None else stride
+    if math.ceil(H / p) != hs or math.ceil(W / p) != ws:
+        detail = f"stride {stride}" if stride is not None else f"patch size {ph} along H but {pw} along W"
         raise ConfigError(
-            f"CT loss: stage {stage} feature map {hs}×{ws} implies patch size {ph} along H but {pw} "
-            f"along W for a {H}×{W} mask; patches must be square"
-        )
-    p = ph
-    if hs * p - H >= p or ws * p - W >= p:
-        raise ConfigError(
-            f"CT loss: stage {stage} feature map {hs}×{ws} does not tile a {H}×{W} mask with patch size "
-            f"{p} (it would need {hs * p - H}×{ws * p - W} pixels of padding, a whole patch or more)"
+            f"CT loss: stage {stage} feature map {hs}×{ws} does not tile a {H}×{W} mask with square patches "
+            f"({detail}; a bottom/right-padded backbone gives ceil(H/p)×ceil(W/p), and padding of a "
+            f"whole patch or more is not possible)"
         )
     return p
 
 
 def stage_grids(
-    mask_hw: tuple[int, int], feature_hws: Sequence[tuple[int, int]], stages: Sequence[int]
+    mask_hw: tuple[int, int],
+    feature_hws: Sequence[tuple[int, int]],
+    stages: Sequence[int],
+    strides: Sequence[int | None] | None = None,
 ) -> list[StageGrid]:
     """One :class:`StageGrid` per entry of ``feature_hws`` (``stages`` only names them in errors)."""
+    strides = [None] * len(feature_hws) if strides is None else strides
     return [
-        StageGrid(h, w, infer_patch_size(mask_hw, (h, w), s))
-        for (h, w), s in zip(feature_hws, stages, strict=True)
+        StageGrid(h, w, infer_patch_size(mask_hw, (h, w), s, st))
+        for (h, w), s, st in zip(feature_hws, stages, strides, strict=True)
     ]
 
 
@@ -122,7 +129,7 @@ def patch_class_means(probs: torch.Tensor, grids: Sequence[StageGrid]) -> list[t
 
     Padding pixels count as probability 0 (the mean divides by ``p_s²``), matching the counts above.
     """
-    B, K, H, W = probs.shape
+    _B, _K, H, W = probs.shape
     g = math.gcd(*[gr.p for gr in grids])
     Hb, Wb = _base_size(grids, g)
     x = F.pad(probs.to(torch.float32), (0, Wb * g - W, 0, Hb * g - H))

@@ -1,0 +1,72 @@
+"""Pair losses and clip modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctseg.contrastive import CL_MAX, CL_MIN, cl_pair_loss, info_nce
+from ctseg.contrastive.clip import CLIP_MODES
+from ctseg.contrastive.losses import hard_pairs
+from tests.contrastive.oracle import info_nce_pkg, soft_ce
+
+
+def test_cl_reference_points():
+    cos = torch.tensor([1.0, 0.0, -1.0])
+    torch.testing.assert_close(
+        cl_pair_loss(cos, True), torch.tensor([0.3633, 0.6931, 1.2633]), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        cl_pair_loss(cos, False), torch.tensor([1.2633, 0.6931, 0.3633]), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_cl_equals_soft_ce_on_stacked_logits(same):
+    cos = torch.linspace(-1, 1, 101)
+    s = ((cos + 1) / 2)[:, None]
+    expected = torch.stack([soft_ce(torch.cat([1 - si, si])[None], int(same), 0.1) for si in s])
+    torch.testing.assert_close(cl_pair_loss(cos, same), expected, atol=1e-6, rtol=0)
+
+
+def test_cl_bounds():
+    cos = torch.linspace(-1, 1, 10001)
+    for same in (True, False):
+        v = cl_pair_loss(cos, same)
+        assert v.min() >= CL_MIN - 1e-4 and v.max() <= CL_MAX + 1e-4
+
+
+def test_info_nce_matches_package_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, n = (torch.nn.functional.normalize(torch.randn(s, 16, generator=g), dim=-1) for s in (7, 7, 11))
+    ours = info_nce(
+        q[None], k[None], torch.ones(1, 7, dtype=torch.bool), n[None], torch.ones(1, 11, dtype=torch.bool)
+    )
+    torch.testing.assert_close(ours[0], info_nce_pkg(q, k, n, 0.1))
+    # masked entries are ignored, and an empty class gives 0, not NaN
+    valid_n = torch.zeros(1, 11, dtype=torch.bool)
+    valid_n[0, :4] = True
+    masked = info_nce(q[None], k[None], torch.ones(1, 7, dtype=torch.bool), n[None], valid_n)
+    torch.testing.assert_close(masked[0], info_nce_pkg(q, k, n[:4], 0.1))
+    none = info_nce(q[None], k[None], torch.zeros(1, 7, dtype=torch.bool), n[None], valid_n)
+    assert none.item() == 0.0
+
+
+def test_hard_pairs_keep_most_and_least_similar():
+    sim = torch.tensor([[0.1, 0.9, -0.5, 0.7, 0.3, 0.0]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    order, keep = hard_pairs(sim, valid, 0.5, most_similar=True)
+    assert order[0, keep[0]].tolist() == [1, 3]  # floor(5·0.5) = 2 most similar valid pairs
+    order, keep = hard_pairs(sim, valid, 0.5, most_similar=False)
+    assert order[0, keep[0]].tolist() == [2, 0]
+
+
+def test_clamp_zero_gradient_above_clip_and_scale_keeps_it():
+    for raw, grad_clamp in ((1.3, 0.0), (0.7, 1.0)):
+        x = torch.tensor(raw, requires_grad=True)
+        CLIP_MODES["clamp"](x, 1.0).backward()
+        assert x.grad.item() == grad_clamp
+    x = torch.tensor(1.3, requires_grad=True)
+    y = CLIP_MODES["scale"](x, 1.0)
+    y.backward()
+    assert y.item() == pytest.approx(1.0) and x.grad.item() == pytest.approx(1.0 / 1.3)
