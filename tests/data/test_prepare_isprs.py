@@ -385,3 +385,29 @@ def test_real_potsdam_crop_through_the_preparer(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(Image.open(out / t.image)), img[y : y + 256, x : x + 256])
     np.testing.assert_array_equal(got, expected)
     assert json.loads((out / "manifest.json").read_text())["extra"]["dataset"] == "potsdam"
+
+
+def test_sources_that_disappear_lose_their_tiles(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_potsdam(src, as_zip=False)
+    splits = {"train": ("2_10", "2_11"), "test": ("2_13",)}
+    prepare("potsdam", src, tmp_path / "out", "potsdam-paper", splits=splits, resize=None)
+    assert (tmp_path / "out/test/masks/2_13_0_0.png").is_file()
+    for product, suffix in (("2_Ortho_RGB", "RGB"), ("5_Labels_all_noBoundary", "label_noBoundary")):
+        (src / product / f"top_potsdam_2_13_{suffix}.tif").unlink()
+    with pytest.warns(UserWarning) as caught:
+        res = prepare("potsdam", src, tmp_path / "out", "potsdam-paper", splits=splits, resize=None)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "removed the tiles of 1 source images" in messages and "absent (2_13)" in messages
+    assert not (tmp_path / "out/test/masks/2_13_0_0.png").exists() and not res.manifest.split("test")
+    assert (res.written, res.skipped) == (0, 2)
+
+
+def test_an_archive_of_archives_asks_to_be_extracted(potsdam_zips, tmp_path: Path) -> None:
+    src, _ = potsdam_zips
+    outer = tmp_path / "Potsdam.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        for z in sorted(src.glob("*.zip")):
+            zf.write(z, f"Potsdam/{z.name}")
+    with pytest.raises(DataError, match=r"archives inside an archive .*2_Ortho_RGB\.zip"):
+        prepare("potsdam", outer, tmp_path / "out", "potsdam-paper", splits=TILES)

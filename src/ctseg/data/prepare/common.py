@@ -94,6 +94,7 @@ class SourceIndex:
     def __init__(self, srcs: Sequence[str | Path]) -> None:
         self.roots = [Path(s) for s in srcs]
         self._by_name: dict[str, list[SourceFile]] = {}
+        self.nested: list[str] = []  # archives inside archives (not opened; they must be extracted)
         for root in self.roots:
             if not root.exists():
                 raise DataError(root, "no such file or folder")
@@ -132,6 +133,9 @@ class SourceIndex:
                 continue
             member_parts = tuple(p.lower() for p in info.filename.split("/")[:-1] if p)
             if "__macosx" in member_parts:
+                continue
+            if info.filename.lower().endswith(".zip"):
+                self.nested.append(f"{path}!{info.filename}")
                 continue
             self._add(
                 SourceFile(path, info.filename, info.file_size, (*parts, stem, *member_parts), info.CRC)
@@ -516,6 +520,16 @@ class ResumableWriter:
 
     def save(self) -> None:
         atomic_write_json(self.state_path, self.state, indent=None)
+
+    def drop_except(self, keep: set[str]) -> int:
+        """Delete the tiles of recorded units not in ``keep`` (their sources are gone); returns how many."""
+        stale = [k for k in self.state["units"] if k not in keep]
+        for key in stale:
+            for t in self.state["units"].pop(key)["tiles"]:
+                for rel in (t["image"], t["mask"]):
+                    if rel is not None:
+                        (self.out / rel).unlink(missing_ok=True)
+        return len(stale)
 
     def manifest_path(self) -> Path:
         return self.out / MANIFEST_NAME

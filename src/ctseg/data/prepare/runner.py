@@ -243,6 +243,12 @@ def run_prepare(
     src_label = ", ".join(str(s) for s in src)
     index = SourceIndex(src)
     items = preparer.discover(index, protocol)
+    if not items and index.nested:
+        shown = ", ".join(index.nested[:3])
+        raise DataError(
+            src_label,
+            f"holds archives inside an archive ({shown}); extract the outer one and pass its folder",
+        )
     by_split = assign_splits(items, protocol, preparer, src_label, notes)
     for split, split_items in by_split.items():
         product = protocol.labels_for(split)
@@ -300,6 +306,9 @@ def run_prepare(
             f"{total} label pixels in {len(unknown)} files had unknown colours/values and became ignore",
             notes,
         )
+    dropped = writer.drop_except({f"{split}/{item.key}" for split, item in units})
+    if dropped:
+        _warn(f"removed the tiles of {dropped} source images that are no longer in the sources", notes)
     writer.save()
 
     if protocol.val_is_test:
