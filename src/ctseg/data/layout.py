@@ -8,6 +8,15 @@
 
 Every loader and command reads this layout, so whatever ``ctseg prepare`` writes and what the synthetic
 generator writes are interchangeable.
+
+Always open a tile through ``TileEntry.image`` / ``TileEntry.mask`` rather than rebuilding the path from
+the split: with a ``val_is_test`` protocol the ``val`` entries point at the files under ``test/`` (nothing
+is written twice). ``mask`` is ``None`` for images without public labels (LoveDA ``Test``).
+``ctseg prepare`` also records in ``TileEntry.extra``: ``source_id``, the window ``y`` / ``x`` in the
+(flipped) source, ``flip``, ``label_product``, ``label_source`` and the ``image_sha256`` / ``mask_sha256``
+of the written files; and in ``Manifest.extra``: ``dataset``, ``protocol_summary``, ``label_decoding``,
+``split_items``, ``unknown_label_values`` and ``warnings``. Its resume state lives beside the manifest
+in ``.ctseg-prepare-state.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +60,12 @@ class Manifest:
 
     def split(self, name: str) -> list[TileEntry]:
         return [t for t in self.tiles if t.split == name]
+
+    def get_protocol(self) -> Any:
+        """The recorded protocol as a :class:`ctseg.data.protocols.Protocol`."""
+        from ctseg.data.protocols import get_protocol
+
+        return get_protocol(self.protocol)
 
     def to_dict(self) -> dict[str, Any]:
         return {
