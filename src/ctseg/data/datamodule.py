@@ -9,6 +9,7 @@ says so; batches of tiles of different sizes are padded by :class:`~ctseg.data.d
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +115,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.crop_size = int(crop_size)
         self.augment = AugmentConfig.from_any(augment)
+        # Record the resolved augmentation (plain dict) so checkpoints and reports show what ran.
+        self.hparams["augment"] = asdict(self.augment)
         self.val_batch_size = int(val_batch_size)
         self.seed = int(seed)
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
