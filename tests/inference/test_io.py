@@ -150,7 +150,7 @@ def test_geotiff_band_selection_and_non_uint8(tmp_path: Path, rng: np.random.Gen
     src = write_geotiff(tmp_path / "rgbi.tif", rgbi)
     with pytest.raises(DataError, match="4 bands"):
         open_scene(src, input_max=4000)
-    with pytest.raises(DataError, match="uint16.*input_max"):
+    with pytest.raises(DataError, match=r"uint16.*input_max"):
         open_scene(src, bands=(3, 2, 1))
     with open_scene(src, bands=(3, 2, 1), input_max=4000) as r:
         np.testing.assert_array_equal(r.read_rows(5, 9), rgbi[5:9, :, [2, 1, 0]])

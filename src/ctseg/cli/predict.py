@@ -172,5 +172,5 @@ def main(argv: Sequence[str]) -> int:
                 progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
             )
             written = ", ".join(str(p) for p in result.outputs.values())
-            bar.console.print(f"{path} ({result.height}x{result.width}) -> {written}")
+            print(f"{path} ({result.height}x{result.width}) -> {written}", flush=True)
     return 0

@@ -21,7 +21,7 @@ from torch import nn
 
 from ctseg.data.layout import read_manifest
 from ctseg.data.protocols import Protocol
-from ctseg.engine.metrics import SegmentationMetrics, SegmentationScores
+from ctseg.engine.metrics import SegmentationScores, scores_from_confusion
 from ctseg.errors import ConfigError, DataError
 from ctseg.inference.io import open_scene
 from ctseg.inference.sliding import SlidingWindow, iter_blended_rows
@@ -125,7 +125,8 @@ def evaluate_tiles(
         raise ConfigError(
             f"{root}: data classes {list(data_classes)} differ from the protocol's {list(protocol.classes)}"
         )
-    metric = SegmentationMetrics(protocol.classes, protocol.ignore_index, protocol.mean_class_indices)
+    k = protocol.num_classes
+    confusion = torch.zeros(k * k, dtype=torch.int64)  # rows = ground truth, columns = prediction
     for i, tile in enumerate(tiles):
         with open_scene(root / tile.image) as reader:
             mask = _read_mask(root / tile.mask, reader.height, reader.width)
@@ -137,16 +138,17 @@ def evaluate_tiles(
                         f"model gives {block.shape[0]} logits but protocol {protocol.name!r} has "
                         f"{protocol.num_classes} classes"
                     )
-                pred = block.argmax(0).cpu()
-                target = torch.from_numpy(mask[y0 : y0 + pred.shape[0]].astype(np.int64))
-                metric.update(pred, target)
+                pred = block.argmax(0).cpu().reshape(-1)
+                target = torch.from_numpy(mask[y0 : y0 + block.shape[1]].astype(np.int64)).reshape(-1)
+                keep = target < k  # ignore index and any other non-class value are not evaluated
+                confusion += torch.bincount(target[keep] * k + pred[keep], minlength=k * k)
         if on_tile is not None:
             on_tile(i + 1, len(tiles), tile.id)
     return EvalReport(
         protocol=protocol,
         split=split,
         tiles=len(tiles),
-        scores=metric.compute(),
+        scores=scores_from_confusion(confusion.view(k, k), protocol.classes, protocol.mean_class_indices),
         settings={
             "window": settings.window,
             "overlap": settings.overlap,
