@@ -218,3 +218,24 @@ def test_lightning_cli_builds_datamodule_from_yaml(prepared, tmp_path, monkeypat
     assert dm.augment.mosaic_p == 0.5 and dm.augment.scales == (1.0, 1.25) and dm.augment.crop_window == 20
     assert dm.seed == 4 and dm.protocol.name == "synthetic"
     assert next(iter(dm.train_dataloader()))["image"].shape == (2, 3, 24, 24)
+
+
+def test_reads_the_synthetic_generator_output(tmp_path):
+    from ctseg.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path / "synthetic"
+    write_synthetic_dataset(root, n_train=2, n_val=1, n_test=1, size=64, seed=0)
+    dm = SegmentationDataModule(root=root, batch_size=2, num_workers=0, crop_size=32)
+    train = next(iter(dm.train_dataloader()))
+    val = next(iter(dm.val_dataloader()))
+    test = next(iter(dm.test_dataloader()))
+    assert train["image"].shape == (2, 3, 32, 32) and val["image"].shape == (1, 3, 64, 64)
+    assert len(test["id"]) == 1
+    assert set(val["mask"].unique().tolist()) <= {*range(6), 255}
+
+
+def test_hparams_record_the_resolved_augmentation(prepared):
+    dm = SegmentationDataModule(root=prepared, augment={"mosaic_p": 0.0})
+    assert dm.hparams["augment"]["mosaic_p"] == 0.0
+    assert dm.hparams["augment"]["scales"] == AugmentConfig().scales
+    assert SegmentationDataModule(root=prepared, augment=dm.hparams["augment"]).augment == dm.augment
