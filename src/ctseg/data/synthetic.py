@@ -200,6 +200,35 @@ def _pick(rng: np.random.Generator, weighted: tuple[tuple[Any, float], ...]) -> 
     return weighted[-1][0]
 
 
+# --------------------------------------------------------------------------------------------- districts
+
+
+@dataclass(frozen=True)
+class _District:
+    """The character of the town in one scene: roof styles, building sizes, how much is parking."""
+
+    roofs: tuple[tuple[str, float], ...]  # roof style weights
+    front: tuple[float, float]  # building frontage, m
+    depth: tuple[float, float]  # building depth, m
+    parking: float  # weight of parking lots among the paved areas
+
+
+_DISTRICTS: dict[str, tuple[_District, float]] = {
+    "residential": (
+        _District((("gable", 0.55), ("hip", 0.3), ("flat", 0.15)), (9.0, 20.0), (8.0, 13.0), 0.15),
+        0.4,
+    ),
+    "mixed": (
+        _District((("gable", 0.45), ("hip", 0.2), ("flat", 0.35)), (10.0, 30.0), (8.0, 16.0), 0.3),
+        0.4,
+    ),
+    "commercial": (
+        _District((("gable", 0.15), ("hip", 0.1), ("flat", 0.75)), (18.0, 45.0), (12.0, 24.0), 0.6),
+        0.2,
+    ),
+}
+
+
 # --------------------------------------------------------------------------------------------- the canvas
 
 
@@ -235,6 +264,7 @@ class _Scene:
     counts: np.ndarray  # (NUM_CLASSES,) int64
     sun: tuple[float, float]  # unit (dy, dx) on the canvas, pointing towards the sun
     noise: dict[str, np.ndarray]
+    district: _District
     roads: list[_Road] = field(default_factory=list)
     buildings: list[tuple[float, float, float, float]] = field(default_factory=list)
     stalls: list[tuple[float, float, float]] = field(default_factory=list)
@@ -261,6 +291,7 @@ class _Scene:
         }
         counts = np.zeros(NUM_CLASSES, dtype=np.int64)
         counts[LOW_VEGETATION] = n_inside
+        district = _DISTRICTS[_pick(rng, tuple((name, w) for name, (_, w) in _DISTRICTS.items()))][0]
         return cls(
             rng=rng,
             out_shape=(height, width),
@@ -276,6 +307,7 @@ class _Scene:
             counts=counts,
             sun=(math.sin(azimuth), math.cos(azimuth)),
             noise=noise,
+            district=district,
         )
 
     # -- geometry ------------------------------------------------------------------------------------
@@ -579,8 +611,8 @@ def _roof_part(
 def _building_parts(scene: _Scene, limit: float) -> list[tuple[float, float, float, float]]:
     """Footprint rectangles (y0, y1, x0, x1) of one building, street-front or free-standing; some L-shaped."""
     rng, px = scene.rng, scene.px
-    depth = rng.uniform(8.0, 16.0) * px
-    front = rng.uniform(10.0, 30.0) * px
+    depth = rng.uniform(*scene.district.depth) * px
+    front = rng.uniform(*scene.district.front) * px
     front = max(min(front, limit / depth), 6.0 * px)  # stay near the class target
     if scene.roads and rng.random() < 0.65:
         road = scene.roads[int(rng.integers(len(scene.roads)))]
@@ -634,7 +666,7 @@ def _place_buildings(scene: _Scene, share: float) -> None:
                 break
         if not clear:
             continue
-        style = _pick(rng, (("gable", 0.45), ("hip", 0.2), ("flat", 0.35)))
+        style = _pick(rng, scene.district.roofs)
         name = _pick(rng, _FLAT_ROOFS if style == "flat" else _PITCHED_ROOFS)
         rgb, spread = _ROOF_COLOURS[name]
         colour = _jitter(rng, rgb, spread)
@@ -745,7 +777,8 @@ _PAVERS: dict[str, tuple[Callable[[_Scene], bool], float]] = {
 
 
 def _place_paving(scene: _Scene, share: float, attempts: int = 200) -> None:
-    names = tuple((name, weight) for name, (_, weight) in _PAVERS.items())
+    weights = {name: weight for name, (_, weight) in _PAVERS.items()} | {"parking": scene.district.parking}
+    names = tuple(weights.items())
     for _ in range(attempts):
         if scene.missing(IMPERVIOUS, share) <= 0:
             return
@@ -785,7 +818,7 @@ def _plant_street_row(scene: _Scene, budget: int) -> None:
     side = 1 if rng.random() < 0.5 else -1
     offset = road.centre + side * (road.half + road.sidewalk * 0.5)
     spacing = rng.uniform(7.0, 12.0) * px
-    radius = rng.uniform(2.5, 4.5) * px
+    radius = rng.uniform(2.5, 3.8) * px
     colour = _tree_colour(rng)
     py, px_ = scene.random_point()
     start = (px_ if road.axis == 0 else py) - rng.uniform(10.0, 40.0) * px
@@ -887,12 +920,28 @@ def _park_lot(scene: _Scene) -> None:
         _car(scene, cy, cx, angle + (math.pi if rng.random() < 0.5 else 0))
 
 
+def _park_yard(scene: _Scene) -> None:
+    """A car standing in a paved yard or driveway, square to the town grid."""
+    cy, cx = scene.random_point()
+    iy, ix = int(cy), int(cx)
+    if 0 <= iy < scene.shape[0] and 0 <= ix < scene.shape[1] and scene.surface[iy, ix] == _YARD:
+        _car(scene, cy, cx, float(scene.rng.integers(4)) * math.pi / 2)
+
+
 def _place_cars(scene: _Scene, share: float) -> None:
-    for _ in range(300):
+    for attempt in range(300):
         if scene.missing(CAR, share) <= 0:
             return
-        if scene.stalls and scene.rng.random() < 0.4:
+        if attempt % 75 == 74:
+            # Streets may be few or hidden under tree rows: give the remaining cars a parking lot.
+            for _ in range(20):
+                if _pave_parking(scene):
+                    break
+        draw = scene.rng.random()
+        if scene.stalls and draw < 0.4:
             _park_lot(scene)
+        elif draw > 0.85 or attempt > 150:
+            _park_yard(scene)
         else:
             _park_street(scene)
 
