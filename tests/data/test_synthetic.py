@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
@@ -47,6 +49,14 @@ def test_any_size_gives_rgb_image_and_class_mask(shape: tuple[int, int]) -> None
     image, mask = generate_scene(*shape, seed=3)
     assert image.shape == (*shape, 3) and image.dtype == np.uint8
     assert mask.shape == shape and mask.dtype == np.uint8
+    assert mask.max() < len(CLASS_NAMES)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 80), st.integers(0, 2**64 - 1), st.sampled_from([0.1, 0.15, 0.4]))
+def test_any_shape_seed_and_gsd_give_valid_scenes(height: int, width: int, seed: int, gsd_m: float) -> None:
+    image, mask = generate_scene(height, width, seed=seed, gsd_m=gsd_m)
+    assert image.shape == (height, width, 3) and mask.shape == (height, width)
     assert mask.max() < len(CLASS_NAMES)
 
 

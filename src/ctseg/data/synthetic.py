@@ -9,7 +9,8 @@ lawns and meadows (per-block colour, mowing stripes); tree canopies as lumpy, te
 rounded rectangles with windows, parked along kerbs, driving in lanes and in parking stalls; and clutter
 (containers, dumpsters, bins, tarps, piles, bare soil, pools, odd small objects). Everything taller than the
 ground casts a shadow from a per-scene sun; shadows darken whatever they fall on and never change its label.
-The town grid is rotated by a random angle, then mild blur, sensor noise and a colour cast are added.
+Each scene has a district character (residential, mixed or commercial: roof styles, building sizes,
+parking). The town grid is rotated by a random angle, then mild blur, sensor noise and a colour cast are added.
 
 Confusable classes overlap in colour on purpose, as in Potsdam: grey and anthracite roofs vs asphalt and
 pavers, red roofs vs red pavers, dark lawns vs light trees, dry meadows vs bare soil (clutter), and every
