@@ -130,12 +130,16 @@ def test_protocol_override_compatible_and_incompatible(prepared):
         SegmentationDataModule(root=prepared, protocol="no-such-protocol").protocol
 
 
-def test_resize_protocol_sets_default_crop_window(prepared):
-    proto = get_protocol("synthetic").to_dict()
-    proto.update(resize=64, tile_size=48)
-    dm = SegmentationDataModule(root=prepared, protocol=proto, batch_size=2, num_workers=0, crop_size=32)
+def test_crop_window_is_resized_to_crop_size(prepared):
+    """The paper's recipe: crop a smaller window (375 of 500 px) and enlarge it to the crop size."""
+    dm = SegmentationDataModule(
+        root=prepared, batch_size=2, num_workers=0, crop_size=32, augment={"crop_window": 24}
+    )
     assert dm.context.crop_window == 24
-    assert next(iter(dm.train_dataloader()))["image"].shape == (2, 3, 32, 32)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32)
+    assert set(batch["mask"].unique().tolist()) <= {*range(6), 255}
+    assert SegmentationDataModule(root=prepared, crop_size=32).context.crop_window == 32
 
 
 def test_bicubic_mask_protocol_warns_and_keeps_labels_legal(prepared, monkeypatch):

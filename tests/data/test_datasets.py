@@ -17,7 +17,6 @@ from ctseg.data.datasets import (
     SeededRandomSampler,
     SegmentationDataset,
     TileDataError,
-    default_crop_window,
 )
 from ctseg.data.layout import Manifest, TileEntry, tile_paths, write_manifest
 from ctseg.data.protocols import get_protocol
@@ -202,13 +201,6 @@ def test_workers_get_distinct_but_reproducible_numpy_and_python_states():
     assert first[0][1] != first[1][1] and first[0][2] != first[1][2]
     assert all(torch.equal(first[w], again[w]) for w in (0, 1))
     assert not torch.equal(first[0], other[0])
-
-
-def test_default_crop_window_follows_protocol_resize():
-    proto = get_protocol("synthetic")
-    assert default_crop_window(512, proto) == 512
-    assert default_crop_window(512, proto.with_overrides(resize=512, tile_size=500)) == 500
-    assert default_crop_window(256, proto.with_overrides(resize=512, tile_size=500)) == 250
 
 
 def test_variable_size_tiles_load_at_native_size(tmp_path):

@@ -22,7 +22,6 @@ from ctseg.data.datasets import (
     SeededRandomSampler,
     SegmentationDataset,
     TileDataError,
-    default_crop_window,
 )
 from ctseg.data.layout import MANIFEST_NAME, Manifest, read_manifest
 from ctseg.data.protocols import Protocol, get_protocol
@@ -163,12 +162,11 @@ class SegmentationDataModule(pl.LightningDataModule):
     @property
     def context(self) -> TransformContext:
         proto = self.protocol
-        window = self.augment.crop_window or default_crop_window(self.crop_size, proto)
         return TransformContext(
             num_classes=proto.num_classes,
             ignore_index=proto.ignore_index,
             crop_size=self.crop_size,
-            crop_window=window,
+            crop_window=self.augment.crop_window or self.crop_size,
             mask_interp=proto.mask_interp,
             image_interp=self.image_interp,
             mean=self.mean,  # type: ignore[arg-type]

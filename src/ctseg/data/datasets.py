@@ -12,7 +12,6 @@ the number of workers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -274,10 +273,3 @@ class PadCollate:
             "id": [s["id"] for s in samples],
         }
         return batch
-
-
-def default_crop_window(crop_size: int, protocol: Protocol) -> int:
-    """Window in prepared-tile pixels that becomes ``crop_size`` after the protocol's resize."""
-    if protocol.resize and protocol.tile_size:
-        return max(1, math.floor(crop_size * protocol.tile_size / protocol.resize + 0.5))
-    return crop_size

@@ -60,10 +60,11 @@ class AugmentConfig:
             ``"mosaic"`` may only come first. Normalisation is always applied after them.
         mosaic_p: probability of building a 4-tile mosaic (paper 0.25).
         scales: random-scale factors, one drawn uniformly per sample (paper 0.75, 1, 1.25, 1.5).
-        crop_window: side of the SmartCrop window in prepared-tile pixels. ``None``: ``crop_size``, or,
-            when the protocol resizes tiles (``resize`` with ``tile_size``), ``crop_size·tile_size/resize``
-            so the crop covers the ground a resized tile of ``crop_size`` would. The paper used 375
-            (0.75 of its 500 px tiles) and resized the crop to 512.
+        crop_window: side of the SmartCrop window in prepared-tile pixels; the crop is then resized to
+            ``crop_size`` (step ``"resize"``). ``None`` = ``crop_size`` (no resize). Prepared tiles are
+            already at the protocol's scale (``ctseg prepare`` applies ``resize``); the paper cropped
+            375 px of its 500 px tiles and enlarged them to 512, i.e. ``crop_window=384`` on 512 px
+            prepared tiles.
         crop_tries: SmartCrop attempts before keeping the last one (paper 11).
         crop_max_ratio: a crop is accepted only if no class reaches this share of its non-ignore pixels.
         crop_min_classes: ... and at least this many classes are present.
@@ -187,8 +188,10 @@ def resize_mask_bicubic_quirk(
 ) -> torch.Tensor:
     """Reproduce the reference code's mask resize: PIL BICUBIC on an ``L``-mode mask (reference spec §4.4).
 
-    Interpolated values ``>= num_classes`` (overshoot, or blends with the ignore value) become
-    ``ignore_index``; values between two classes stay as the class in between, which is the quirk.
+    The mask is resized in the reference's encoding, where ignore is the value ``num_classes`` (6 for
+    Potsdam), so blends between a class and ignore invent the classes in between (0 … 6 → 1 … 5), as
+    in the paper. Interpolated values ``>= num_classes`` (ignore, and the reference's ``7 → 6`` overshoot)
+    become ``ignore_index``. Same rule as ``ctseg.data.prepare.common.resize_mask``.
 
     Args:
         mask: (H, W) uint8 labels.
@@ -206,6 +209,7 @@ def resize_mask_bicubic_quirk(
             stacklevel=2,
         )
     arr = mask.detach().cpu().numpy().astype(np.uint8)
+    arr = np.where(arr == ignore_index, num_classes, arr).astype(np.uint8)
     pil = PILImage.fromarray(arr, mode="L").resize((size[1], size[0]), PILImage.Resampling.BICUBIC)
     out = np.array(pil, dtype=np.uint8)
     out[out >= num_classes] = ignore_index
