@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import ctseg
-from ctseg.cli.demo import generate_data, write_preview
+from ctseg.cli.demo import class_shares, generate_data, write_preview
 from ctseg.data.layout import read_manifest
 from ctseg.errors import ConfigError
 
@@ -56,6 +56,7 @@ def test_demo_writes_data_and_preview(tmp_path: Path) -> None:
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10, "the preview is blank"
     assert str(out / "data") in result.stdout and str(out / "preview.png") in result.stdout
+    assert "class shares: impervious_surfaces" in result.stdout
 
     # Same arguments again: the set is reused; other arguments: a one-line error, no traceback.
     again = ctseg_cli(*args)
@@ -63,7 +64,7 @@ def test_demo_writes_data_and_preview(tmp_path: Path) -> None:
     clash = ctseg_cli("demo", "--out", str(out), "--size", "32", "--n-train", "2", "--n-val", "1")
     assert clash.returncode == 2
     assert "Traceback" not in clash.stderr
-    assert "size=64" in clash.stderr and str(out / "data") in clash.stderr
+    assert "made with size=64 (asked: size=32)" in clash.stderr and str(out / "data") in clash.stderr
 
 
 def test_demo_rejects_bad_sizes_without_traceback(tmp_path: Path) -> None:
@@ -76,6 +77,8 @@ def test_demo_rejects_bad_sizes_without_traceback(tmp_path: Path) -> None:
 def test_preview_functions_are_reusable(tmp_path: Path) -> None:
     root, manifest = generate_data(tmp_path, size=40, n_train=1, n_val=1, n_test=0, seed=3)
     assert root == tmp_path / "data" and len(manifest.tiles) == 2
+    shares = class_shares(manifest)
+    assert list(shares) == list(manifest.protocol["classes"]) and sum(shares.values()) == pytest.approx(1.0)
     path = write_preview(root, tmp_path / "figs" / "p.png", count=5)  # more than there are: shows both
     with Image.open(path) as im:
         assert im.format == "PNG"

@@ -250,10 +250,20 @@ def test_interrupted_run_without_manifest_is_completed(tmp_path: Path) -> None:
 def test_other_arguments_into_a_used_folder_raise(tmp_path: Path) -> None:
     root = tmp_path / "set"
     _write(root)
-    with pytest.raises(OutputError, match=r"seed=5.*not.*seed=6"):
+    with pytest.raises(OutputError, match=r"made with seed=5 \(asked: seed=6\)"):
         _write(root, seed=6)
     with pytest.raises(OutputError, match="n_train=2"):
         _write(root, n_train=3)
+
+
+def test_folder_from_another_generator_version_is_not_reused(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    _write(root)
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["extra"]["synthetic"]["fingerprint"] = "0123456789abcdef"  # as if the scenes had changed since
+    (root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(OutputError, match="fingerprint=0123456789abcdef"):
+        _write(root)
 
 
 def test_foreign_folders_are_not_touched(tmp_path: Path) -> None:

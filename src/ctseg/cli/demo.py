@@ -55,6 +55,16 @@ def generate_data(
     return root, manifest
 
 
+def class_shares(manifest: Manifest) -> dict[str, float]:
+    """Pixel share of each class over all tiles, from the per-tile counts the synthetic writer records."""
+    counts = [t.extra.get("class_pixels") for t in manifest.tiles]
+    if not counts or any(c is None for c in counts):
+        return {}
+    total = np.sum(np.asarray(counts, dtype=np.int64), axis=0)
+    names = manifest.protocol["classes"]
+    return {name: float(n) / max(int(total.sum()), 1) for name, n in zip(names, total)}
+
+
 def _pick_tiles(manifest: Manifest, count: int) -> list[TileEntry]:
     """Up to ``count`` tiles, training first, then validation and test: what a user looks at first."""
     ordered = [t for split in ("train", "val", "test") for t in manifest.split(split) if t.mask is not None]
@@ -134,6 +144,9 @@ def main(argv: Sequence[str]) -> int:
     counts = ", ".join(f"{len(manifest.split(s))} {s}" for s in ("train", "val", "test"))
     print(f"synthetic data: {counts} scenes of {args.size}x{args.size} px (seed {args.seed}) in {root}")
     print(f"manifest: {root / 'manifest.json'}")
+    shares = class_shares(manifest)
+    if shares:
+        print("class shares: " + ", ".join(f"{name} {share:.1%}" for name, share in shares.items()))
     preview = write_preview(root, Path(args.out) / PREVIEW_NAME, count=args.preview_tiles)
     print(f"preview: {preview}")
     return 0

@@ -39,6 +39,7 @@ Determinism: a scene depends only on ``(height, width, seed, gsd_m)``; all rando
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -73,6 +74,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "SHARE_RANGES",
     "generate_scene",
+    "generator_fingerprint",
     "scene_seed",
     "write_synthetic_dataset",
 ]
@@ -1196,6 +1198,17 @@ def generate_scene(
     return _sensor(rng, image), mask
 
 
+@functools.cache
+def generator_fingerprint() -> str:
+    """A short hash of a reference scene: changes whenever the generator's output changes.
+
+    Recorded in manifests beside :data:`GENERATOR_VERSION`, so that a folder written by another version of
+    the code (or of numpy / scipy / Pillow, should they change the pixels) is never silently reused.
+    """
+    image, mask = generate_scene(48, 48, seed=0)
+    return _sha256(image.tobytes() + mask.tobytes())[:16]
+
+
 def scene_seed(seed: int, split: str, index: int) -> int:
     """The seed of scene ``index`` of ``split``: independent of how many scenes a set has."""
     if split not in SPLITS:
@@ -1289,6 +1302,7 @@ def write_synthetic_dataset(
     params: dict[str, Any] = {
         "generator": "ctseg.data.synthetic",
         "version": GENERATOR_VERSION,
+        "fingerprint": generator_fingerprint(),
         "size": size,
         "seed": int(seed),
         "gsd_m": float(gsd_m),
@@ -1309,10 +1323,8 @@ def write_synthetic_dataset(
             ) from exc
         if previous.extra.get("synthetic") != params:
             theirs = previous.extra.get("synthetic")
-            what = "other data" if theirs is None else f"a synthetic set made with {_describe(theirs)}"
-            raise OutputError(
-                f"{root}: holds {what}, not {_describe(params)}; choose another folder or delete it"
-            )
+            what = "other data" if not isinstance(theirs, dict) else _describe_difference(theirs, params)
+            raise OutputError(f"{root}: holds {what}; choose another folder or delete it")
         known = {(t.split, t.id): t.extra for t in previous.tiles}
     elif root.is_dir() and any(root.iterdir()):
         _check_foreign_content(root, _expected_files(counts))
@@ -1342,9 +1354,12 @@ def write_synthetic_dataset(
     return manifest
 
 
-def _describe(params: dict[str, Any]) -> str:
-    keys = ("size", "seed", "gsd_m", "n_train", "n_val", "n_test", "version")
-    return ", ".join(f"{k}={params.get(k)}" for k in keys)
+def _describe_difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """'a synthetic set made with seed=0, size=512 (asked: seed=1, size=256)', naming only what differs."""
+    keys = [k for k in ours if theirs.get(k) != ours[k]] or list(ours)
+    made = ", ".join(f"{k}={theirs.get(k)}" for k in keys)
+    asked = ", ".join(f"{k}={ours[k]}" for k in keys)
+    return f"a synthetic set made with {made} (asked: {asked})"
 
 
 def _write_tile(
