@@ -243,3 +243,37 @@ def test_hparams_record_the_resolved_augmentation(prepared):
     assert dm.hparams["augment"]["mosaic_p"] == 0.0
     assert dm.hparams["augment"]["scales"] == AugmentConfig().scales
     assert SegmentationDataModule(root=prepared, augment=dm.hparams["augment"]).augment == dm.augment
+
+
+@pytest.mark.data
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_real_dubai_images_through_prepare_and_datamodule(dubai_root, tmp_path):
+    """Real Dubai images (Tile 2 parts are 544×509 and 544×510): train crops, val batches padded to the largest."""
+    import shutil
+
+    from ctseg.data.prepare import prepare
+
+    src = tmp_path / "src" / dubai_root.name
+    for tile in (1, 2):
+        for sub, ext in (("images", "jpg"), ("masks", "png")):
+            (src / f"Tile {tile}" / sub).mkdir(parents=True)
+            for k in (1, 2):
+                name = f"image_part_{k:03d}.{ext}"
+                shutil.copy(dubai_root / f"Tile {tile}" / sub / name, src / f"Tile {tile}" / sub / name)
+    shutil.copy(dubai_root / "classes.json", src / "classes.json")
+    prepare("dubai", src.parent, tmp_path / "out", splits={"train": ("Tile 1",), "val": ("Tile 2",)})
+
+    dm = SegmentationDataModule(
+        root=tmp_path / "out", batch_size=2, num_workers=0, crop_size=128, val_batch_size=2
+    )
+    assert dm.protocol.name == "dubai" and dm.num_classes == 5
+    train = next(iter(dm.train_dataloader()))
+    assert train["image"].shape == (2, 3, 128, 128)
+    assert set(train["mask"].unique().tolist()) <= {*range(dm.num_classes), 255}
+    sizes = [(t.height, t.width) for t in dm.manifest.split("val")]
+    val = next(iter(dm.val_dataloader()))
+    assert val["mask"].shape[-2:] == (max(h for h, _ in sizes), max(w for _, w in sizes))
+    for i, (h, w) in enumerate(sizes):
+        on_disk = np.array(Image.open(tmp_path / "out" / dm.manifest.split("val")[i].mask))
+        assert torch.equal(val["mask"][i, :h, :w], torch.from_numpy(on_disk).long())
+        assert (val["mask"][i, h:, :] == 255).all() and (val["mask"][i, :, w:] == 255).all()
