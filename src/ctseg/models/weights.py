@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import zipfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    total: int = 0  # tensors in the module's state dict (0: count loaded + missing + mismatched)
     prefix: str = ""  # checkpoint prefix that was stripped to reach the module's keys
     ignored: list[str] = field(default_factory=list)  # checkpoint keys outside that prefix
 
@@ -58,7 +58,7 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self) -> str:
-        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        total = self.total or len(self.loaded) + len(self.missing) + len(self.mismatched)
         parts = [f"loaded {len(self.loaded)}/{total} tensors from {self.source}"]
         if self.prefix:
             parts.append(f"prefix {self.prefix!r} stripped ({len(self.ignored)} keys outside it ignored)")
@@ -121,7 +121,7 @@ def read_state_dict(
             f"besides tensors ({first}). If you trust its origin, pass weights_only=False, or re-save only "
             "its state_dict: torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.pt')"
         ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # garbage makes the unpickler fail in many ways (IndexError, EOFError, …)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
@@ -198,7 +198,7 @@ def load_state_dict_report(
     state_dict, name = read_state_dict(state_dict_or_path, weights_only=weights_only)
     name = source or name
     targets = module.state_dict()
-    report = LoadReport(source=name)
+    report = LoadReport(source=name, total=len(targets))
     if prefix_map:
         state_dict = _apply_prefix_map(state_dict, prefix_map)
     elif prefix := _detect_prefix(list(state_dict), targets):

@@ -16,7 +16,7 @@ class Backbone(nn.Module):
     """Base class of all encoders.
 
     ``forward(x)`` maps ``x`` of shape ``(B, 3, H, W)``, with ``H`` and ``W`` multiples of 32 (the model
-    wrapper pads to that), to a list of four NCHW maps; map ``i`` has shape
+    wrapper pads to that), to a list of four contiguous NCHW maps; map ``i`` has shape
     ``(B, out_channels[i], H // strides[i], W // strides[i])`` with ``strides == [4, 8, 16, 32]``.
     """
 

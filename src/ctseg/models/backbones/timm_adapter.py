@@ -123,6 +123,7 @@ class TimmBackbone(Backbone):
             if self.stage_norms is not None:
                 f = self.stage_norms[i](f)  # before the permute: NHWC is LayerNorm's native layout
             if self.channels_last:
-                f = f.permute(0, 3, 1, 2).contiguous()
-            outs.append(f)
+                f = f.permute(0, 3, 1, 2)
+            # Some NCHW models (ConvNeXt) also hand out permuted views; downstream code may .view() them.
+            outs.append(f.contiguous())
         return outs

@@ -71,7 +71,7 @@ class SimpleFeaturePyramid(nn.Module):
         outs = [level(f) for level, f in zip(self.levels, feats)]
         if self.proj is not None:
             outs = [p(o) for p, o in zip(self.proj, outs)]
-        return outs
+        return [o.contiguous() for o in outs]  # LayerNorm2d hands out permuted views
 
 
 class TimmViTBackbone(Backbone):
