@@ -82,4 +82,4 @@ def test_fuzz_never_nan_never_crash(case):
     assert all(v == v for v in stats.values())  # no NaN in the stats either
     assert 0.0 <= stats["skipped_fraction"] <= 1.0
     loss.backward()
-    assert all(torch.isfinite(f.grad).all() for f in feats)
+    assert all(f.grad is None or torch.isfinite(f.grad).all() for f in feats)

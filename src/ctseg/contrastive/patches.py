@@ -7,7 +7,7 @@ mask is therefore padded bottom/right with ``ignore_index`` to ``(H_s·p_s, W_s�
 counts for no class, so a patch that reaches into the padding is never a positive (it is not
 homogeneous) but can be a negative.
 
-All stages come from one pooling of the one-hot mask at the finest common patch size
+All stages come from one pooling of the (bit-packed) one-hot mask at the finest common patch size
 ``g = gcd(p_s)``; coarser stages are sums of those counts (exact, integer-valued).
 """
 
@@ -97,6 +97,38 @@ def _pool_to_stage(base: torch.Tensor, grid: StageGrid, g: int) -> torch.Tensor:
     return x.reshape(B, K, grid.h, k, grid.w, k).sum(dim=(3, 5))
 
 
+def _base_counts_packed(mask: torch.Tensor, num_classes: int, g: int, Hb: int, Wb: int) -> torch.Tensor:
+    """Per-class pixel counts of every g×g cell, packing all classes into one int64 per pixel.
+
+    Pixel of class k ↦ ``1 << (bits·k)`` (anything else ↦ 0); summing a cell adds the per-class
+    counts in separate bit fields (a count ≤ g² never carries into the next field), so the pooling
+    reads B·H·W values instead of a K-times larger one-hot. Returns ``(B, K, Hb, Wb)`` int32.
+    """
+    B, H, W = mask.shape
+    bits = (g * g).bit_length()
+    # Lookup over clamp(label, -1, K) + 1: negatives → slot 0, classes → 1..K, labels ≥ K → slot K+1.
+    lut = torch.zeros(num_classes + 2, dtype=torch.int64, device=mask.device)
+    lut[1:-1] = torch.ones((), dtype=torch.int64, device=mask.device) << (
+        bits * torch.arange(num_classes, device=mask.device)
+    )
+    packed = lut[mask.clamp(-1, num_classes).to(torch.int64) + 1]
+    if (Hb * g, Wb * g) != (H, W):
+        packed = F.pad(packed, (0, Wb * g - W, 0, Hb * g - H))
+    # Two contiguous reductions (along W, then H) are faster than one over both cell axes.
+    cells = packed.reshape(B, Hb * g, Wb, g).sum(-1).reshape(B, Hb, g, Wb).sum(2)
+    shifts = bits * torch.arange(num_classes, device=mask.device)
+    return ((cells[:, None] >> shifts[None, :, None, None]) & ((1 << bits) - 1)).to(torch.int32)
+
+
+def _base_counts_onehot(mask: torch.Tensor, num_classes: int, g: int, Hb: int, Wb: int) -> torch.Tensor:
+    """Same as :func:`_base_counts_packed` through a bool one-hot (when K fields do not fit 63 bits)."""
+    B, H, W = mask.shape
+    padded = F.pad(mask, (0, Wb * g - W, 0, Hb * g - H), value=-1)
+    classes = torch.arange(num_classes, device=mask.device, dtype=mask.dtype)
+    onehot = padded[:, None] == classes[None, :, None, None]
+    return onehot.reshape(B, num_classes, Hb, g, Wb, g).sum(dim=(3, 5), dtype=torch.int32)
+
+
 def patch_class_counts(
     mask: torch.Tensor, num_classes: int, grids: Sequence[StageGrid]
 ) -> list[torch.Tensor]:
@@ -112,15 +144,12 @@ def patch_class_counts(
         one ``(B, K, h_s, w_s)`` int32 tensor per stage with values in ``[0, p_s²]``.
         Positive for class c ⇔ ``count == p_s²``; negative ⇔ ``count == 0``.
     """
-    B, H, W = mask.shape
     g = math.gcd(*[gr.p for gr in grids])
     Hb, Wb = _base_size(grids, g)
-    # Pad the labels (not a one-hot) with a non-class value: the one-hot is then built as bool, one
-    # byte per pixel and class, and summed in int32 (exact, and 4x smaller than a float one-hot).
-    padded = F.pad(mask, (0, Wb * g - W, 0, Hb * g - H), value=-1)
-    classes = torch.arange(num_classes, device=mask.device, dtype=mask.dtype)
-    onehot = padded[:, None] == classes[None, :, None, None]
-    base = onehot.reshape(B, num_classes, Hb, g, Wb, g).sum(dim=(3, 5), dtype=torch.int32)
+    if (g * g).bit_length() * num_classes <= 63:
+        base = _base_counts_packed(mask, num_classes, g, Hb, Wb)
+    else:
+        base = _base_counts_onehot(mask, num_classes, g, Hb, Wb)
     return [_pool_to_stage(base, gr, g) for gr in grids]
 
 

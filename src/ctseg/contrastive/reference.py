@@ -150,9 +150,14 @@ def reference_group(
             term_active[i, p.c] = torch.tensor(act)
             active[i, p.c] = True
             stat[:, i, p.c] = torch.tensor([p.n_pos, p.n_neg, n_pairs], dtype=torch.float32)
+    # An exact zero that depends on every head (DDP then sees no unused parameter) and, when no term
+    # was active, on the features (the loss stays attached to the graph). Paper mode needs none: its
+    # fixed-shape sampling always projects rows of every stage.
+    anchor = [p.reshape(-1)[:1].sum() for s in cfg.stages for p in heads[s].parameters()]
     if total is None:
+        anchor += [f.reshape(-1)[:1].sum().float() for f in features]
         total = torch.zeros((), device=device)
-    loss = total / S / max(len(classes), 1)
+    loss = (total + torch.stack(anchor).sum() * 0.0) / S / max(len(classes), 1)
     return GroupResult(
         loss=loss,
         positives=stat[0].to(device),

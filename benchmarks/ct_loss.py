@@ -1,0 +1,257 @@
+"""Benchmark of the CT loss: the loss alone, and its overhead on a DCPoolFormer training step.
+
+Usage (CPU; figures in docs/benchmarks.md, section "CT loss"):
+
+    .venv/bin/python benchmarks/ct_loss.py                        # both parts, B = 8 and 16 for the loss
+    .venv/bin/python benchmarks/ct_loss.py --part loss --batch 8 16 --repeats 5
+    .venv/bin/python benchmarks/ct_loss.py --part step --repeats 3 --json runs/ct_bench.json
+    .venv/bin/python benchmarks/ct_loss.py --device cuda          # on a GPU machine
+
+Inputs: real Dubai label crops of 512² from ../shared/data (5 classes, Unlabeled/black → ignore 5;
+random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/32.
+
+* ``--part loss``: forward + backward of ``PatchContrastiveLoss`` alone on random features that require
+  grad (``clip=None``, so the gradient always flows), for paper/reference × CL/InfoNCE.
+* ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
+  (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
+  each CT variant. Times are medians of ``--repeats`` steps, configurations interleaved round-robin
+  in one process (so machine noise hits all alike). Peak memory: on CUDA ``max_memory_allocated``;
+  on CPU the peak RSS (``ru_maxrss``) of a fresh subprocess per configuration running 2 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ctseg.contrastive import PatchContrastiveLoss
+from ctseg.utils.io import atomic_write_json
+
+REPO = Path(__file__).resolve().parents[1]
+DUBAI = (
+    Path(os.environ.get("CTSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+    / "dubai"
+    / "Semantic segmentation dataset"
+)
+CHANNELS = (64, 128, 256, 512)
+STRIDES = (4, 8, 16, 32)
+NUM_CLASSES, IGNORE = 5, 5
+COLOURS = [(60, 16, 152), (132, 41, 246), (110, 193, 228), (254, 221, 58), (226, 169, 41)]  # README order
+VARIANTS = {
+    "paper-cl": {"mode": "paper", "loss": "cl"},
+    "paper-infonce": {"mode": "paper", "loss": "infonce"},
+    "reference-cl": {"mode": "reference", "loss": "cl"},
+    "reference-infonce": {"mode": "reference", "loss": "infonce"},
+}
+
+
+def dubai_masks(n: int, size: int = 512, seed: int = 0) -> torch.Tensor:
+    """``n`` random ``size``² crops of real Dubai masks, decoded to class ids: ``(n, size, size)``."""
+    paths = sorted(DUBAI.glob("Tile */masks/*.png"))
+    if not paths:
+        raise SystemExit(f"benchmark needs the real Dubai data: no masks under {DUBAI}")
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        rgb = np.asarray(Image.open(paths[int(rng.integers(len(paths)))]).convert("RGB")).astype(np.int32)
+        if min(rgb.shape[:2]) < size:
+            continue
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        m = np.full(code.shape, IGNORE, dtype=np.int64)
+        for cls, (r, g, b) in enumerate(COLOURS):
+            m[code == ((r << 16) | (g << 8) | b)] = cls
+        y, x = int(rng.integers(0, m.shape[0] - size + 1)), int(rng.integers(0, m.shape[1] - size + 1))
+        out.append(torch.from_numpy(m[y : y + size, x : x + size].copy()))
+    return torch.stack(out)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def make_ct(variant: str, device: torch.device, **kw) -> PatchContrastiveLoss:
+    return PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **VARIANTS[variant], **kw).to(device)
+
+
+# --------------------------------------------------------------------------- loss alone
+def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
+    mask = dubai_masks(batch).to(device)
+    g = torch.Generator().manual_seed(0)
+    feats = [
+        torch.randn(batch, c, 512 // p, 512 // p, generator=g).to(device).requires_grad_()
+        for c, p in zip(CHANNELS, STRIDES)
+    ]
+    cts = {v: make_ct(v, device, clip=None) for v in VARIANTS}
+
+    def step(v: str) -> None:
+        loss, _ = cts[v](feats, mask)
+        loss.backward()
+
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for v in VARIANTS:  # warm-up
+        step(v)
+    for _ in range(repeats):
+        for v in VARIANTS:
+            times[v].append(timed(lambda v=v: step(v), device))
+    out = {v: {"time_s": statistics.median(t)} for v, t in times.items()}
+    if device.type == "cuda":
+        for v in VARIANTS:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(v)
+            torch.cuda.synchronize()
+            out[v]["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return out
+
+
+# --------------------------------------------------------------------------- training step
+def build_model(device: torch.device) -> torch.nn.Module:
+    try:
+        from ctseg.models import create
+    except ImportError as exc:
+        raise SystemExit(f"step benchmark needs ctseg.models.create ('dcpoolformer-paper'): {exc}") from exc
+    torch.manual_seed(0)
+    return create("dcpoolformer-paper", num_classes=NUM_CLASSES).to(device).train()
+
+
+def make_step(model, ct, opt, images, masks) -> Callable[[], None]:
+    def step() -> None:
+        logits, feats = model(images, return_features=True)
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
+        if ct is not None:
+            loss = loss + ct(feats, masks)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def step_setup(config: str, device: torch.device, batch: int):
+    model = build_model(device)
+    ct = None if config == "baseline" else make_ct(config, device, clip=None)
+    params = list(model.parameters()) + ([] if ct is None else list(ct.parameters()))
+    opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: same work as training, weights unchanged
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, 512, 512, generator=g).to(device)
+    masks = dubai_masks(batch).to(device)
+    return make_step(model, ct, opt, images, masks)
+
+
+def step_memory_child(config: str, device: torch.device, batch: int) -> float:
+    """Peak memory of 2 training steps of one configuration (run in a fresh process on CPU)."""
+    step = step_setup(config, device, batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB (Linux)
+
+
+def bench_step(repeats: int, device: torch.device, batch: int = 8) -> dict[str, dict[str, float]]:
+    configs = ["baseline", *VARIANTS]
+    model = build_model(device)
+    opts, cts = {}, {}
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, 512, 512, generator=g).to(device)
+    masks = dubai_masks(batch).to(device)
+    steps = {}
+    for c in configs:  # one model (same weights and work) for all; each config its own heads/optimizer
+        cts[c] = None if c == "baseline" else make_ct(c, device, clip=None)
+        params = list(model.parameters()) + ([] if cts[c] is None else list(cts[c].parameters()))
+        opts[c] = torch.optim.AdamW(params, lr=0.0)  # lr 0: the weights, hence the work, stay identical
+        steps[c] = make_step(model, cts[c], opts[c], images, masks)
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for c in configs:
+        steps[c]()
+    for _ in range(repeats):
+        for c in configs:
+            times[c].append(timed(steps[c], device))
+    out = {c: {"time_s": statistics.median(t)} for c, t in times.items()}
+    for c in configs:
+        if device.type == "cuda":
+            del steps
+            steps = {}
+            torch.cuda.empty_cache()
+            out[c]["peak_gib"] = step_memory_child(c, device, batch)
+        else:
+            res = subprocess.run(
+                [sys.executable, __file__, "--memory-child", c, "--device", "cpu", "--batch", str(batch)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            out[c]["peak_gib"] = float(res.stdout.strip().splitlines()[-1])
+    base = out["baseline"]
+    for c in configs:
+        out[c]["time_vs_baseline"] = out[c]["time_s"] / base["time_s"] - 1.0
+        out[c]["memory_vs_baseline"] = out[c]["peak_gib"] / base["peak_gib"] - 1.0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["loss", "step", "all"], default="all")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="loss part; the step part uses B=8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, help="also write the figures here (atomic write)")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.memory_child:
+        print(step_memory_child(args.memory_child, device, args.batch[0]))
+        return
+    results: dict[str, object] = {"device": str(device), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    if args.part in ("loss", "all"):
+        for b in args.batch:
+            res = bench_loss(b, args.repeats, device)
+            results[f"loss_B{b}"] = res
+            print(f"\nCT loss alone, forward + backward, B={b}, 512², {device}:")
+            for v, r in res.items():
+                extra = f"  peak +{r['peak_extra_gib']:.3f} GiB" if "peak_extra_gib" in r else ""
+                print(f"  {v:18s} {r['time_s'] * 1000:9.1f} ms{extra}")
+    if args.part in ("step", "all"):
+        res = bench_step(args.repeats, device)
+        results["step_B8"] = res
+        print(f"\nDCPoolFormer training step, B=8, 512², {device}:")
+        for c, r in res.items():
+            print(
+                f"  {c:18s} {r['time_s']:7.3f} s ({r['time_vs_baseline']:+6.1%})   "
+                f"peak {r['peak_gib']:6.2f} GiB ({r['memory_vs_baseline']:+6.1%})"
+            )
+    if args.json:
+        atomic_write_json(args.json, results)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
