@@ -463,3 +463,38 @@ def test_pretrained_without_cache_fails_with_instructions(name, offline_empty_hf
     assert "pretrained weights could not be obtained" in msg
     assert 'pretrained="path/to/' in msg and "HF_HUB_OFFLINE=1" in msg
     assert len(msg) < 3000
+
+
+# --- CUDA (run by benchmarks/gpu_check.sh on a GPU machine; skipped here) ---------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("name", ["swin-paper", "poolformer-paper", "timm:swin_tiny_patch4_window7_224"])
+def test_cuda_matches_cpu_and_trains_in_bf16(name, no_tf32):
+    torch.manual_seed(0)
+    bb = create_backbone(name).eval()
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        ref = bb(x)
+        got = bb.cuda()(x.cuda())  # fused SDPA kernels and the folded window mask on the GPU
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-3, atol=1e-3)
+    # A bf16 training step at the paper's crop size: finite outputs and a gradient at the stem.
+    bb.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        feats = bb(torch.randn(4, 3, 512, 512, device="cuda"))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(128, 128), (64, 64), (32, 32), (16, 16)]
+    sum(f.float().square().mean() for f in feats).backward()
+    stem = next(bb.parameters()).grad
+    assert stem is not None and torch.isfinite(stem).all() and stem.abs().sum() > 0
