@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def output_names(stem: str, georeferenced: bool, probs: bool) -> dict[str, str]:
     if probs:
         names["probs"] = f"{stem}_probs.tif" if georeferenced else f"{stem}_probs.npy"
     return names
+
+
+def _write_block(items: dict[str, RowWriter], labels: np.ndarray, prob: np.ndarray | None) -> None:
+    items["labels"].write(labels)
+    items["color"].write(labels)
+    if prob is not None:
+        items["probs"].write(prob)
 
 
 def predict_file(
@@ -130,16 +138,23 @@ def predict_file(
                 )
             elif probs:
                 items["probs"] = NpyStreamWriter(out.path(names["probs"]), w, h, num_classes)
-            with writers(*items.values()):
+            with writers(*items.values()), ThreadPoolExecutor(1, thread_name_prefix="ctseg-write") as pool:
+                # Write-behind: compress and write one block while the next is computed (zlib and GDAL
+                # release the GIL). At most one block waits, so memory stays bounded.
+                pending: Future[None] | None = None
                 for _, block in iter_blended_rows(
                     model, reader, settings, normalization=normalization, device=device, progress=progress
                 ):
                     if block.shape[0] != num_classes:
                         raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
-                    labels = block.argmax(0).to(torch.uint8).cpu().numpy()  # (h, W)
-                    items["labels"].write(labels)
-                    items["color"].write(labels)
-                    if "probs" in items:
-                        items["probs"].write(F.softmax(block, dim=0).permute(1, 2, 0).cpu().numpy())
+                    labels = block.max(0).indices.to(torch.uint8).cpu().numpy()  # (h, W)
+                    prob = (
+                        F.softmax(block, dim=0).permute(1, 2, 0).cpu().numpy() if "probs" in items else None
+                    )
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(_write_block, items, labels, prob)
+                if pending is not None:
+                    pending.result()
             result.outputs = {k: out_dir / v for k, v in names.items()}
     return result

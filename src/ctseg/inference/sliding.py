@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,13 +86,31 @@ def _flat(size: int, overlap: int) -> torch.Tensor:
     return torch.ones(size, dtype=torch.float64)
 
 
-def blend_weights(window: int, overlap: int, kind: str = "spline") -> torch.Tensor:
-    """The ``(window, window)`` float32 blending weight, max 1, never below :data:`MIN_WEIGHT`."""
+def blend_profile(window: int, overlap: int, kind: str = "spline") -> torch.Tensor:
+    """The 1-D ``(window,)`` float32 blending profile, max 1, never below :data:`MIN_WEIGHT`."""
     if kind not in BLEND_WINDOWS:
         raise ConfigError(f"unknown blend window {kind!r}; known: {', '.join(sorted(BLEND_WINDOWS))}")
     w1 = BLEND_WINDOWS[kind](window, overlap)
-    w1 = w1 / w1.max()
-    return torch.outer(w1, w1).clamp_min(MIN_WEIGHT).to(torch.float32)
+    return (w1 / w1.max()).clamp_min(MIN_WEIGHT).to(torch.float32)
+
+
+def blend_weights(window: int, overlap: int, kind: str = "spline") -> torch.Tensor:
+    """The ``(window, window)`` float32 blending weight: the outer product of :func:`blend_profile` with itself.
+
+    Separable on purpose: the summed weight of all windows at a pixel is then the product of a row sum
+    and a column sum, computed once per scene instead of accumulated window by window. Its minimum is
+    ``MIN_WEIGHT ** 2`` > 0, so no pixel's summed weight is ever 0.
+    """
+    w1 = blend_profile(window, overlap, kind)
+    return torch.outer(w1, w1)
+
+
+def _weight_sum(grid: AxisGrid, profile: torch.Tensor) -> torch.Tensor:
+    """Summed profile of all windows along one axis, ``(padded,)`` float32."""
+    total = torch.zeros(grid.padded, dtype=torch.float32)
+    for s in grid.starts:
+        total[s : s + grid.window] += profile
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,54 +271,62 @@ def iter_blended_rows(
     gy, gx = settings.grids(height, width)
     win, stride = settings.window, settings.stride
     total = len(gy.starts) * len(gx.starts)
-    weight = blend_weights(win, settings.overlap, settings.blend).to(device)
+    profile = blend_profile(win, settings.overlap, settings.blend)
+    weight = torch.outer(profile, profile).to(device)
+    row_sum = _weight_sum(gy, profile).to(device)  # (Hp,)
+    col_sum = _weight_sum(gx, profile)[gx.pad_before : gx.pad_before + width].to(device)  # (W,)
     norm = _normalizer(normalization, reader.input_max, device)
-    cols = gx.source_index()
     acc: torch.Tensor | None = None  # (K, win, Wp): weighted logits, rows relative to the window-row start
-    wsum = torch.zeros(win, gx.padded, dtype=torch.float32, device=device)
     done = 0
-    for r, y in enumerate(gy.starts):
-        rows = reflect_index(np.arange(y, y + win) - gy.pad_before, height)
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        band = reader.read_rows(lo, hi)  # (hi - lo, W, 3), raw dtype
-        strip = torch.from_numpy(band[rows - lo][:, cols])  # (win, Wp, 3), reflect-padded copy
-        strip = strip.to(device, non_blocking=True).permute(2, 0, 1)  # (3, win, Wp)
-        for b0 in range(0, len(gx.starts), settings.batch_size):
-            xs = gx.starts[b0 : b0 + settings.batch_size]
-            batch = torch.stack([strip[:, :, x : x + win] for x in xs])  # (B, 3, win, win)
-            logits = model(norm(batch))
-            if logits.shape[-2:] != (win, win):
-                raise RuntimeError(
-                    f"model returned logits of spatial size {tuple(logits.shape[-2:])} for a {win}x{win} window"
-                )
-            logits = logits.to(torch.float32)
-            if acc is None:
-                acc = torch.zeros(logits.shape[1], win, gx.padded, dtype=torch.float32, device=device)
-            for i, x in enumerate(xs):
-                acc[:, :, x : x + win].addcmul_(logits[i], weight)
-                wsum[:, x : x + win] += weight
-            done += len(xs)
-            if progress is not None:
-                progress(done, total)
-        assert acc is not None
-        last = r == len(gy.starts) - 1
-        finished = win if last else stride  # rows that no later window-row touches
-        # Padded rows [y, y + finished) -> scene rows, cropped to the scene.
-        p0 = max(y, gy.pad_before)
-        p1 = min(y + finished, gy.pad_before + height)
-        if p1 > p0:
-            a, b = p0 - y, p1 - y
-            block = (
-                acc[:, a:b, gx.pad_before : gx.pad_before + width]
-                / wsum[a:b, gx.pad_before : gx.pad_before + width]
-            )
-            yield p0 - gy.pad_before, block
-        if not last:
-            keep = win - stride
-            acc[:, :keep] = acc[:, stride:].clone()
-            acc[:, keep:] = 0
-            wsum[:keep] = wsum[stride:].clone()
-            wsum[keep:] = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-read") as pool:
+        # Read the next strip while this one is computed (GDAL and numpy release the GIL).
+        pending = pool.submit(_load_strip, reader, gy, gx, gy.starts[0])
+        for r, y in enumerate(gy.starts):
+            band = pending.result()  # (win, Wp, 3) raw pixels, reflect-padded
+            if r + 1 < len(gy.starts):
+                pending = pool.submit(_load_strip, reader, gy, gx, gy.starts[r + 1])
+            strip = torch.from_numpy(band).to(device, non_blocking=True)
+            strip = norm(strip.permute(2, 0, 1)[None])[0].contiguous()  # (3, win, Wp) float32
+            for b0 in range(0, len(gx.starts), settings.batch_size):
+                xs = gx.starts[b0 : b0 + settings.batch_size]
+                batch = torch.stack([strip[:, :, x : x + win] for x in xs])  # (B, 3, win, win)
+                logits = model(batch)
+                if logits.shape[-2:] != (win, win):
+                    raise RuntimeError(
+                        f"model returned logits of spatial size {tuple(logits.shape[-2:])} for a {win}x{win} window"
+                    )
+                logits = logits.to(torch.float32)
+                if acc is None:
+                    acc = torch.zeros(logits.shape[1], win, gx.padded, dtype=torch.float32, device=device)
+                for i, x in enumerate(xs):
+                    acc[:, :, x : x + win].addcmul_(logits[i], weight)
+                done += len(xs)
+                if progress is not None:
+                    progress(done, total)
+            assert acc is not None
+            last = r == len(gy.starts) - 1
+            finished = win if last else stride  # rows that no later window-row touches
+            # Padded rows [y, y + finished) -> scene rows, cropped to the scene.
+            p0 = max(y, gy.pad_before)
+            p1 = min(y + finished, gy.pad_before + height)
+            if p1 > p0:
+                a, b = p0 - y, p1 - y
+                wsum = row_sum[p0:p1, None] * col_sum[None, :]  # (h, W)
+                yield p0 - gy.pad_before, acc[:, a:b, gx.pad_before : gx.pad_before + width] / wsum
+            if not last:
+                keep = win - stride
+                acc[:, :keep] = acc[:, stride:].clone()
+                acc[:, keep:] = 0
+
+
+def _load_strip(reader: SceneReader, gy: AxisGrid, gx: AxisGrid, y: int) -> np.ndarray:
+    """Raw pixels of padded rows ``[y, y + window)`` over the padded width, ``(window, W_pad, 3)``."""
+    rows = reflect_index(np.arange(y, y + gy.window) - gy.pad_before, gy.length)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    band = np.take(reader.read_rows(lo, hi), rows - lo, axis=0)  # (window, W, 3)
+    pad = ((0, 0), (gx.pad_before, gx.pad_after), (0, 0))
+    # numpy's "reflect" is reflect_index's convention (also for pads longer than the row); one column: edge.
+    return np.pad(band, pad, mode="reflect" if gx.length > 1 else "edge")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,7 +410,7 @@ def predict_large(
                     probs = np.empty((k, reader.height, reader.width), dtype=np.float32)
                 if return_logits:
                     logits_out = np.empty((k, reader.height, reader.width), dtype=np.float32)
-            labels[y0 : y0 + h] = block.argmax(0).cpu().numpy()
+            labels[y0 : y0 + h] = block.max(0).indices.cpu().numpy()
             if probs is not None:
                 probs[:, y0 : y0 + h] = F.softmax(block, dim=0).cpu().numpy()
             if logits_out is not None:
