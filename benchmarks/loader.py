@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/loader.py                      # 512², 2 workers, B = 8 (docs/benchmarks.md)
     .venv/bin/python benchmarks/loader.py --size 128 --batches 4 --model-steps 1   # quick look
     .venv/bin/python benchmarks/loader.py --skip-model        # loader half only
+    .venv/bin/python benchmarks/loader.py --skip-model --profile   # + ms per sample of each step
 
 One process, in this order: (1) the loader: ``SegmentationDataModule`` on a synthetic prepared folder
 (``write_synthetic_dataset``, protocol "synthetic", tiles of ``--size`` px) with the default training
@@ -55,6 +56,49 @@ def time_loader(
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "batch": first}
 
 
+def profile_steps(root: Path, size: int, repeats: int = 10) -> dict[str, float]:
+    """Milliseconds per 512² sample for loading and each augmentation step, one thread, main process."""
+    from ctseg.data.datasets import SegmentationDataset
+    from ctseg.data.transforms import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        AugmentConfig,
+        TransformContext,
+        build_transform,
+        normalize_transform,
+    )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ds = SegmentationDataset(root, "train")
+    ctx = TransformContext(
+        num_classes=ds.protocol.num_classes,
+        ignore_index=ds.protocol.ignore_index,
+        crop_size=size,
+        crop_window=size,
+    )
+    # Probabilities 1 so each step always does its work; scale 1.25 (a real resize).
+    cfg = AugmentConfig(
+        scales=(1.25,), hflip_p=1.0, vflip_p=1.0, rot90_p=1.0, color_jitter=(0.3, 0.3, 0.3, 0.05)
+    )
+
+    def ms(fn: Any) -> float:
+        start = time.perf_counter()
+        for i in range(repeats):
+            fn(i)
+        return 1000 * (time.perf_counter() - start) / repeats
+
+    out = {"load (decode image + mask, checks)": ms(lambda i: ds.load(i % len(ds)))}
+    sample = ds.load(0)
+    for name in ("random_scale", "smart_crop", "hflip", "vflip", "rot90", "color_jitter"):
+        step = build_transform(name, cfg, ctx)
+        out[name] = ms(lambda i, step=step: step(dict(sample)))
+    norm = normalize_transform(IMAGENET_MEAN, IMAGENET_STD)
+    out["normalize"] = ms(lambda i: norm(dict(sample)))
+    torch.set_num_threads(threads)
+    return out
+
+
 def time_model(batch: dict, steps: int) -> dict:
     import ctseg.models
 
@@ -89,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=12, help="timed loader batches per row")
     p.add_argument("--model-steps", type=int, default=2, help="timed training steps")
     p.add_argument("--skip-model", action="store_true", help="loader half only")
+    p.add_argument("--profile", action="store_true", help="also time loading and each step per sample")
     p.add_argument("--data", type=Path, default=None, help="reuse/keep the synthetic folder here")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -107,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads; protocol: synthetic, {args.size}² tiles, B = {args.batch}"
     )
     rows: dict[str, Any] = {}
+    if args.profile:
+        rows["profile_ms_per_sample"] = profile_steps(root, args.size)
+        for name, value in rows["profile_ms_per_sample"].items():
+            print(f"  per sample, 1 thread: {name:36s} {value:7.2f} ms")
     configs = {
         "loader, default augmentation": {},
         "loader, default + colour jitter": {"color_jitter": (0.3, 0.3, 0.3, 0.05)},
