@@ -94,8 +94,11 @@ class TimmBackbone(Backbone):
         swin_like = is_swin_like(model_name)
         kwargs: dict[str, Any] = {"features_only": True, "out_indices": out_indices}
         if swin_like:
-            # Masks are rebuilt per input size; the windows stay those of the construction size.
-            kwargs.update(img_size=img_size or DEFAULT_SWIN_IMG_SIZE, dynamic_img_size=True)
+            # Masks are rebuilt per input size; the windows stay those of the construction size. Older
+            # timm (< 1.0.31) reads only strict_img_size, newer ones either flag.
+            kwargs.update(
+                img_size=img_size or DEFAULT_SWIN_IMG_SIZE, strict_img_size=False, dynamic_img_size=True
+            )
         elif img_size is not None:
             kwargs["img_size"] = img_size
         kwargs.update(timm_kwargs)
