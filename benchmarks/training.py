@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-MODELS = ("dcswin", "unetformer", "dcpoolformer")
+MODELS = ("dcswin-paper", "unetformer-paper", "dcpoolformer-paper")
 CT_SETTINGS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "cl": {"loss": "cl", "mode": "paper", "smoothing": 0.1, "clip": 1.0},

@@ -21,8 +21,8 @@ from ctseg.engine.report import hardware_info, write_report
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """Folder of this run's logs, config and reports (the first logger's version folder)."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """Folder of this run's checkpoints and reports (``trainer.default_root_dir``)."""
+    return Path(trainer.default_root_dir)
 
 
 class ExactSampling(Callback):
@@ -161,7 +161,7 @@ class RunReport(Callback):
         if not trainer.is_global_zero or getattr(module, "protocol", None) is None:
             return
         out = self._dir(trainer)
-        cfg_file = out / "config.yaml"
+        cfg_file = Path(trainer.log_dir or out) / "config.yaml"
         config_text = cfg_file.read_text(encoding="utf-8") if cfg_file.is_file() else None
         config = {"model": dict(module.hparams)}
         dm = trainer.datamodule

@@ -96,6 +96,13 @@ def expand_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _next_version(folder: Path, command: str) -> str:
+    n = 0
+    while (folder / f"{command}-{n}").exists():
+        n += 1
+    return f"{command}-{n}"
+
+
 class CtsegCLI(LightningCLI):
     """LightningCLI with the ctseg run layout and callbacks (see module docstring)."""
 
@@ -113,7 +120,12 @@ class CtsegCLI(LightningCLI):
         cfg["default_root_dir"] = str(root)
         sub = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if cfg.get("logger") in (None, True):
-            loggers: list[Any] = [CSVLogger(save_dir=str(root), name="", version="")]
+            # A fresh fit logs (and saves config.yaml) in the run folder itself; a resumed fit, validate
+            # and test log into logs/<command>-<n>/ so they never replace the first fit's files.
+            fresh_fit = self.subcommand == "fit" and not sub.get("ckpt_path")
+            version = "" if fresh_fit else _next_version(root / "logs", str(self.subcommand))
+            csv_dir = root if fresh_fit else root / "logs"
+            loggers: list[Any] = [CSVLogger(save_dir=str(csv_dir), name="", version=version)]
             if sub.get("tensorboard", True):
                 with contextlib.suppress(ModuleNotFoundError):  # the tensorboard extra is optional
                     loggers.append(TensorBoardLogger(save_dir=str(root / "tensorboard"), name="", version=""))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from pathlib import PurePath
 from typing import Any
 
 import lightning.pytorch as pl
@@ -61,7 +62,7 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: str = "unetformer",
+        model: str = "unetformer-paper",
         model_kwargs: dict[str, Any] | None = None,
         protocol: str | dict[str, Any] | None = None,
         normalization: dict[str, list[float]] | None = None,
@@ -181,6 +182,8 @@ class SegmentationModule(pl.LightningModule):
         if self.ct_config is None:
             return None
         ct = dict(self.ct_config)
+        if self.protocol is not None:
+            ct.setdefault("ignore_index", self.protocol.ignore_index)
         if self.hparams.ct_group_size is not None:
             ct["group_size"] = int(self.hparams.ct_group_size)
         if self.hparams.ct_gather_negatives:
@@ -354,6 +357,10 @@ class SegmentationModule(pl.LightningModule):
             ct=self._model_ct_config(),
         )
         checkpoint["ctseg_history"] = list(self.history)
+        # Keep the file loadable with torch.load(weights_only=True): no pathlib objects in hparams.
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = _plain(checkpoint[key])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         block = read_ctseg_block(checkpoint, "<checkpoint>")
@@ -385,6 +392,17 @@ def _check_normalization(norm: Any) -> dict[str, list[float]]:
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ConfigError(f"normalization needs 3 means and 3 positive stds, got {norm!r}")
     return {"mean": mean, "std": std}
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with paths turned into strings (recursively through dicts, lists and tuples)."""
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}  # also turns AttributeDict into a plain dict
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
 
 
 def _compute_mean(metric: MeanMetric) -> float:

@@ -1,0 +1,138 @@
+"""End-to-end training on tiny synthetic data: the CLI run folder, checkpoints, exact resume.
+
+The synthetic set is generated once per module (64² scenes); models are the real presets, random init.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from ctseg.data.datamodule import SegmentationDataModule
+from ctseg.data.synthetic import write_synthetic_dataset
+from ctseg.engine.callbacks import ExactSampling
+from ctseg.engine.checkpoint import load_inference_model
+from ctseg.engine.cli import run_cli
+from ctseg.engine.module import SegmentationModule
+from ctseg.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[2]
+CT_CL = {"loss": "cl", "mode": "paper", "clip": 1.0, "smoothing": 0.1}
+FAST = "unetformer-paper"  # the lightest paper preset
+# A narrow, shallow variant of the preset: same code paths, a fraction of the CPU time.
+TINY = {
+    "backbone_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]},
+    "decoder_kwargs": {"decode_channels": 16, "num_heads": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "data"
+    write_synthetic_dataset(root, n_train=4, n_val=3, n_test=2, size=64, seed=0)
+    return root
+
+
+def _cli_args(root: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs/synthetic/unetformer-cl.yaml"),
+        "--data.root", str(root),
+        "--data.crop_size", "64",
+        "--data.batch_size", "2",
+        "--data.val_batch_size", "2",
+        "--trainer.default_root_dir", str(run),
+        "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--tensorboard", "false",
+        "--model.model_kwargs", json.dumps(TINY),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_cli_fit_then_test_writes_the_run_folder(synth, tmp_path):
+    run = tmp_path / "run"
+    run_cli("fit", _cli_args(synth, run))
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.json",
+        "report.md",
+        "curves.png",
+        "checkpoints/last.ckpt",
+    ):
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"] == "synthetic" and metrics["epochs"] == 1
+    assert metrics["history"][0]["ct"]["active"] is not None
+    assert set(metrics["scores"]["per_class"]) == {
+        "impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter"
+    }  # fmt: skip
+    assert "ct:" in (run / "config.yaml").read_text()
+
+    bundle = load_inference_model(
+        run / "checkpoints/last.ckpt", expect_model=FAST, expect_protocol="synthetic"
+    )
+    assert not hasattr(bundle.model, "ct_loss") or bundle.model.ct_loss is None
+    assert bundle.protocol.name == "synthetic" and len(bundle.normalization["mean"]) == 3
+    with torch.no_grad():
+        assert bundle.model(torch.zeros(1, 3, 40, 48)).shape == (1, 6, 40, 48)
+    with pytest.raises(CheckpointError, match="expected 'dcswin-paper'"):
+        load_inference_model(run / "checkpoints/last.ckpt", expect_model="dcswin-paper")
+    with pytest.raises(CheckpointError, match="expected 'dubai'"):
+        load_inference_model(run / "checkpoints/last.ckpt", expect_protocol="dubai")
+
+    run_cli("test", _cli_args(synth, run, "--ckpt_path", str(run / "checkpoints/last.ckpt")))
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["split"] == "test" and test["scores"]["pixels"] == 2 * 64 * 64
+
+
+def _fit(root: Path, out: Path, epochs: int, ckpt_path: str | None = None, crash_at: int | None = None):
+    pl.seed_everything(0, verbose=False)
+    module = SegmentationModule(model=FAST, model_kwargs=TINY, ct=CT_CL)
+    dm = SegmentationDataModule(
+        str(root), batch_size=2, num_workers=0, crop_size=64, val_batch_size=2, seed=0
+    )
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=out, save_last=True)
+    callbacks: list[pl.Callback] = [ExactSampling(), ckpt]
+    if crash_at is not None:
+        callbacks.append(_CrashAtEpoch(crash_at))
+    trainer = pl.Trainer(
+        max_epochs=epochs, deterministic=True, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, callbacks=callbacks,
+        gradient_clip_val=1.0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return module
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashAtEpoch(pl.Callback):
+    """Dies at the start of epoch ``n`` (after epoch ``n-1``'s checkpoint), like a killed job."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.n:
+            raise _Crash(f"simulated kill at epoch {self.n}")
+
+
+def test_resume_after_a_crash_gives_the_same_weights(synth, tmp_path):
+    straight = _fit(synth, tmp_path / "a", epochs=2)
+    with pytest.raises(_Crash):
+        _fit(synth, tmp_path / "b", epochs=2, crash_at=1)
+    torch.manual_seed(1234)  # the resumed process starts from another RNG state
+    resumed = _fit(synth, tmp_path / "b", epochs=2, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+    assert [r["epoch"] for r in resumed.history] == [0, 1]  # history travels in the checkpoint
