@@ -18,12 +18,27 @@ class CtsegError(Exception):
 
 
 class DataError(CtsegError):
-    """Bad or missing input data (images, labels, manifests, archives)."""
+    """Bad or missing input data (images, labels, manifests, archives).
 
-    def __init__(self, path: str | Path | None, problem: str) -> None:
+    Called as ``DataError(path, problem)``. PyTorch re-raises a ``DataLoader`` worker's exception in the
+    main process as ``type(exc)(formatted_traceback)``; called with that one string, the path and problem
+    are recovered from the traceback's last line, so the error keeps its type and message.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str | None = None) -> None:
+        if problem is None:
+            text = str(path).rstrip()
+            text = text.splitlines()[-1] if text else text
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            text = text.split(prefix, 1)[-1]
+            where, sep, what = text.partition(": ")
+            path, problem = (where, what) if sep else (None, text)
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+    def __reduce__(self):  # pickling keeps (path, problem)
+        return (type(self), (self.path, self.problem))
 
 
 class ConfigError(CtsegError):

@@ -30,21 +30,7 @@ Sample = dict[str, Any]
 
 
 class TileDataError(DataError):
-    """A :class:`DataError` that survives being re-raised by a ``DataLoader`` worker.
-
-    PyTorch re-creates a worker's exception in the main process as ``type(exc)(formatted_traceback)``;
-    the plain ``DataError(path, problem)`` signature would turn that into a ``RuntimeError``. Called with
-    one argument this class recovers ``path: problem`` from the last line of the worker's traceback.
-    """
-
-    def __init__(self, path: str | Path | None, problem: str | None = None) -> None:
-        if problem is None:
-            text = str(path).rstrip().splitlines()[-1] if str(path).strip() else str(path)
-            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
-            text = text.split(prefix, 1)[-1] if prefix in text else text
-            where, sep, what = text.partition(": ")
-            path, problem = (where, what) if sep else (None, text)
-        super().__init__(path, problem)
+    """A tile that cannot be read; survives being re-raised by a ``DataLoader`` worker (see DataError)."""
 
 
 def _channels(mode: str) -> int:
