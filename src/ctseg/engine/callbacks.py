@@ -158,10 +158,11 @@ class RunReport(Callback):
         scores: dict[str, Any] | None,
         split: str,
     ) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero or getattr(module, "protocol", None) is None:
             return
         out = self._dir(trainer)
-        cfg_file = Path(trainer.log_dir or out) / "config.yaml"
+        cfg_file = Path(log_dir or out) / "config.yaml"
         config_text = cfg_file.read_text(encoding="utf-8") if cfg_file.is_file() else None
         config = {"model": dict(module.hparams)}
         dm = trainer.datamodule

@@ -209,7 +209,8 @@ class SegmentationModule(pl.LightningModule):
         n = x.shape[0]
         self.train_loss.update(loss.detach(), weight=n)
         self.train_seg_loss.update(seg.detach(), weight=n)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        if self._trainer is not None:  # also usable in plain loops (benchmarks)
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         return loss
 
     def _evaluate(self, batch: dict[str, Any], metrics: SegmentationMetrics) -> Tensor:
