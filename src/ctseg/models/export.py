@@ -2,19 +2,18 @@
 
 :func:`export_onnx` exports ``model.for_inference()`` (no CT heads, eval mode) with the dynamo-based
 exporter (``torch.onnx.export(..., dynamo=True)``; the legacy TorchScript exporter fails on some
-decoders). With ``dynamic=True`` it tries, in order, and keeps the first that exports:
+decoders). With ``dynamic=True`` batch, height and width are free (the graph pads to a multiple of 32
+itself, like the PyTorch model). The exporter can silently bake a traced size into the graph when a
+model branches on its input size, so the dynamic graph is *verified*: it is run with onnxruntime on a
+probe input of another batch and an odd size and compared with PyTorch. If export or probe fails, the
+model is exported static (the tracing size only) and :class:`ExportResult` says why.
 
-1. ``"any"``: batch, height and width all free (the graph pads to a multiple of 32 itself);
-2. ``"multiple"``: height and width free but multiples of the size the model specialises on
-   (a model whose padding/window logic branches on the size cannot keep a fully free size);
-3. ``"static"``: the export size only.
-
-:class:`ExportResult` records which one was used and why the others failed. The file is written to a
-temporary sibling and renamed (``ctseg.utils.io``), never left half-written.
+The file is written to a temporary sibling and renamed (``ctseg.utils.io``), never left half-written.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,28 +33,35 @@ class ExportResult:
     Attributes:
         path: the ``.onnx`` file.
         input_size: ``(H, W)`` of the example input used for tracing.
-        dynamic: ``"any"``, ``"multiple"`` (H, W multiples of ``size_multiple``) or ``"static"``.
-        size_multiple: for ``"multiple"``, the step of H and W; 0 otherwise.
+        dynamic: ``True`` when batch, height and width are free (verified on a probe input);
+            ``False``: the graph takes ``(1, 3, *input_size)`` only.
         opset: the ONNX opset of the default domain in the file.
         num_classes: ``K`` of the ``(B, K, H, W)`` output.
-        notes: why more dynamic forms were not used (empty when the first attempt worked).
+        notes: why a requested dynamic export fell back to static (empty otherwise).
     """
 
     path: Path
     input_size: tuple[int, int]
-    dynamic: str
-    size_multiple: int
+    dynamic: bool
     opset: int
     num_classes: int
     notes: list[str] = field(default_factory=list)
 
-    def accepts(self, height: int, width: int) -> bool:
-        """Whether the exported graph takes an input of this size."""
-        if self.dynamic == "any":
-            return True
-        if self.dynamic == "multiple":
-            return height % self.size_multiple == 0 and width % self.size_multiple == 0
-        return (height, width) == self.input_size
+    def accepts(self, batch: int, height: int, width: int) -> bool:
+        """Whether the exported graph takes a ``(batch, 3, height, width)`` input."""
+        return self.dynamic or (batch, height, width) == (1, *self.input_size)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before a minutes-long export, not after it."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory, expected an .onnx file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: cannot write here ({exc.strerror or exc})") from exc
 
 
 def _inference_network(model: nn.Module) -> nn.Module:
@@ -63,23 +69,65 @@ def _inference_network(model: nn.Module) -> nn.Module:
     return net.eval()
 
 
-def _dynamic_shapes(mode: str, size: tuple[int, int], multiple: int) -> tuple[dict[int, object], ...] | None:
+def _device(net: nn.Module) -> torch.device:
+    param = next(net.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _example(batch: int, size: tuple[int, int], seed: int, device: torch.device) -> Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _export_program(net: nn.Module, example: Tensor, dynamic: bool, opset: int | None):
     dim = torch.export.Dim
-    batch = dim("batch", min=1, max=1024)
-    if mode == "any":
-        return ({0: batch, 2: dim("height", min=32, max=8192), 3: dim("width", min=32, max=8192)},)
-    if mode == "multiple":
-        h = dim("h_steps", min=1, max=8192 // multiple)
-        w = dim("w_steps", min=1, max=8192 // multiple)
-        return ({0: batch, 2: multiple * h, 3: multiple * w},)
-    return None
+    shapes = (
+        (
+            {
+                0: dim("batch", min=1, max=1024),
+                2: dim("height", min=32, max=8192),
+                3: dim("width", min=32, max=8192),
+            },
+        )
+        if dynamic
+        else None
+    )
+    with torch.no_grad():
+        return torch.onnx.export(
+            net,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=shapes,
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            verbose=False,
+        )
 
 
-def _size_multiple(model: nn.Module) -> int:
-    """The step a model's own padding logic needs: 32 for the presets' windowed decoders, × 8 windows."""
-    pad = int(getattr(model, "pad_multiple", 32))
-    # UNetFormer windows (8) on the stride-32 map make the model branch on H / 32 mod 8.
-    return pad * 8
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _probe(net: nn.Module, proto_bytes: bytes, size: tuple[int, int], device: torch.device) -> str | None:
+    """Run the graph on another batch and size; ``None`` if it matches PyTorch, else what went wrong."""
+    import onnxruntime as ort
+
+    probe_size = (size[0] + 37, size[1] + 13)  # not multiples of 32: exercises the padding too
+    x = _example(2, probe_size, 1, device)
+    try:
+        session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})
+    except Exception as exc:
+        return f"probe at (2, 3, {probe_size[0]}, {probe_size[1]}) failed: {_first_line(exc)}"
+    with torch.no_grad():
+        expected = net(x).float().cpu()
+    got_t = torch.from_numpy(got)
+    if got_t.shape != expected.shape:
+        return f"probe output shape {tuple(got_t.shape)} != PyTorch {tuple(expected.shape)}"
+    diff = float((got_t - expected).abs().max())
+    tol = 1e-3 * max(1.0, float(expected.abs().max()))
+    return None if diff <= tol else f"probe max abs diff {diff:.3g} > {tol:.3g}"
 
 
 def export_onnx(
@@ -96,63 +144,53 @@ def export_onnx(
             or any module mapping images to logits.
         path: the ``.onnx`` file to write (atomically).
         input_size: ``(H, W)`` of the tracing input.
-        dynamic: try dynamic batch and spatial sizes (see the module docstring); ``False``: static.
+        dynamic: free batch and spatial sizes (verified; falls back to static with a note).
         opset: ONNX opset; ``None`` = the exporter's default.
 
     Raises:
         OutputError: ``path`` cannot be written or the model is too big for a single ``.onnx`` file.
     """
     path = Path(path)
+    _check_writable(path)
     net = _inference_network(model)
-    param = next(net.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    example = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    multiple = _size_multiple(net)
-    modes = ["any", "multiple", "static"] if dynamic else ["static"]
+    device = _device(net)
+    size = (int(input_size[0]), int(input_size[1]))
+    example = _example(1, size, 0, device)
     notes: list[str] = []
-    program = None
-    used = "static"
-    for mode in modes:
-        if mode == "multiple" and (input_size[0] % multiple or input_size[1] % multiple):
-            notes.append(f"multiple: input_size {input_size} is not a multiple of {multiple}")
-            continue
+    data: bytes | None = None
+    if dynamic:
         try:
-            with torch.no_grad():
-                program = torch.onnx.export(
-                    net,
-                    (example,),
-                    dynamo=True,
-                    dynamic_shapes=_dynamic_shapes(mode, input_size, multiple),
-                    input_names=["image"],
-                    output_names=["logits"],
-                    opset_version=opset,
-                    optimize=True,
-                    verbose=False,
-                )
+            data = _serialize(_export_program(net, example, True, opset), path)
+            problem = _probe(net, data, size, device)
+        except OutputError:
+            raise
         except Exception as exc:
-            if mode == "static":
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            notes.append(f"{mode}: {type(exc).__name__}: {first[:300]}")
-            continue
-        used = mode
-        break
-    assert program is not None
-    proto = program.model_proto
-    if proto.ByteSize() > _MAX_PROTO_BYTES:
-        raise OutputError(f"{path}: the model is larger than 2 GB, too big for a single .onnx file")
-    atomic_write_bytes(path, proto.SerializeToString())
+            problem = f"dynamic export failed: {_first_line(exc)}"
+        if problem is not None:
+            notes.append(problem)
+            data = None
+    if data is None:
+        data = _serialize(_export_program(net, example, False, opset), path)
+    atomic_write_bytes(path, data)
+    import onnx
+
+    proto = onnx.load_model_from_string(data)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    num_classes = int(getattr(net, "num_classes", 0))
     return ExportResult(
         path=path,
-        input_size=(int(input_size[0]), int(input_size[1])),
-        dynamic=used,
-        size_multiple=multiple if used == "multiple" else 0,
+        input_size=size,
+        dynamic=dynamic and not notes,
         opset=int(opset_used),
-        num_classes=num_classes,
+        num_classes=int(getattr(net, "num_classes", 0)),
         notes=notes,
     )
+
+
+def _serialize(program: object, path: Path) -> bytes:
+    proto = program.model_proto  # type: ignore[attr-defined]
+    if proto.ByteSize() > _MAX_PROTO_BYTES:
+        raise OutputError(f"{path}: the model is larger than 2 GB, too big for a single .onnx file")
+    return proto.SerializeToString()
 
 
 def run_onnx(path: str | Path, x: Tensor) -> Tensor:
@@ -168,10 +206,8 @@ def run_onnx(path: str | Path, x: Tensor) -> Tensor:
 def check_onnx_parity(model: nn.Module, path: str | Path, input: Tensor) -> float:
     """Max abs difference between PyTorch (``model.for_inference()``) and onnxruntime logits on ``input``."""
     net = _inference_network(model)
-    param = next(net.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad():
-        expected = net(input.to(device)).float().cpu()
+        expected = net(input.to(_device(net))).float().cpu()
     got = run_onnx(path, input)
     if got.shape != expected.shape:
         raise ValueError(f"{path}: ONNX output shape {tuple(got.shape)} != PyTorch {tuple(expected.shape)}")
