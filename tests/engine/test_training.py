@@ -87,6 +87,7 @@ def test_cli_fit_then_test_writes_the_run_folder(synth, tmp_path):
         load_inference_model(run / "checkpoints/last.ckpt", expect_protocol="dubai")
 
     run_cli("test", _cli_args(synth, run, "--ckpt_path", str(run / "checkpoints/last.ckpt")))
+    assert (run / "metrics.csv").is_file() and (run / "logs" / "test-0" / "metrics.csv").is_file()  # fit log kept
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["split"] == "test" and test["scores"]["pixels"] == 2 * 64 * 64
 

@@ -16,18 +16,16 @@ What this adds to a plain LightningCLI:
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ctseg.data.datamodule import SegmentationDataModule
-from ctseg.engine.callbacks import EpochLogLine, ExactSampling, RunReport
 from ctseg.engine.module import SegmentationModule
+from ctseg.engine.runner import run_callbacks, run_loggers
 from ctseg.errors import ConfigError
 
 BASE_KEY = "__base__"
@@ -96,13 +94,6 @@ def expand_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _next_version(folder: Path, command: str) -> str:
-    n = 0
-    while (folder / f"{command}-{n}").exists():
-        n += 1
-    return f"{command}-{n}"
-
-
 class CtsegCLI(LightningCLI):
     """LightningCLI with the ctseg run layout and callbacks (see module docstring)."""
 
@@ -120,32 +111,15 @@ class CtsegCLI(LightningCLI):
         cfg["default_root_dir"] = str(root)
         sub = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if cfg.get("logger") in (None, True):
-            # A fresh fit logs (and saves config.yaml) in the run folder itself; a resumed fit, validate
-            # and test log into logs/<command>-<n>/ so they never replace the first fit's files.
             fresh_fit = self.subcommand == "fit" and not sub.get("ckpt_path")
-            version = "" if fresh_fit else _next_version(root / "logs", str(self.subcommand))
-            csv_dir = root if fresh_fit else root / "logs"
-            loggers: list[Any] = [CSVLogger(save_dir=str(csv_dir), name="", version=version)]
-            if sub.get("tensorboard", True):
-                with contextlib.suppress(ModuleNotFoundError):  # the tensorboard extra is optional
-                    loggers.append(TensorBoardLogger(save_dir=str(root / "tensorboard"), name="", version=""))
-            cfg["logger"] = loggers
-        extra = [
-            ModelCheckpoint(
-                dirpath=str(root / "checkpoints"),
-                filename="best-epoch{epoch:03d}-miou{val/mIoU:.4f}",
-                auto_insert_metric_name=False,
-                monitor="val/mIoU",
-                mode="max",
-                save_top_k=int(sub.get("save_top_k", 1)),
-                save_last=True,
-            ),
-            ExactSampling(),
-            EpochLogLine(),
-            RunReport(),
-        ]
-        if cfg.get("enable_progress_bar", True) is not False:
-            extra.append(RichProgressBar(leave=True))
+            cfg["logger"] = run_loggers(
+                root,
+                fresh_fit=fresh_fit,
+                command=str(self.subcommand),
+                tensorboard=bool(sub.get("tensorboard", True)),
+            )
+        progress = cfg.get("enable_progress_bar", True) is not False
+        extra = run_callbacks(root, save_top_k=int(sub.get("save_top_k", 1)), progress=progress)
         if cfg.get("logger") is not False and self.subcommand == "fit":
             extra.append(LearningRateMonitor(logging_interval="epoch"))
         extra += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
