@@ -229,6 +229,23 @@ def test_exact_window_multiple_is_plain_window_attention():
     assert not torch.allclose(out[:, 7:, 7:], out2[:, 7:, 7:])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["swin-paper", "poolformer-paper"])
+def test_paper_encoders_export_to_onnx(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    bb = create_backbone(name).eval()
+    x = torch.randn(1, 3, 64, 96)
+    program = torch.onnx.export(bb, (x,), dynamo=True, verbose=False)
+    program.save(str(tmp_path / "encoder.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "encoder.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        ref = bb(x)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(torch.from_numpy(g), r, rtol=1e-4, atol=1e-4)
+
+
 # --- S12 weights into the paper's PoolFormer ---------------------------------------------------------
 
 

@@ -62,6 +62,11 @@ def shifted_window_mask(
     return torch.where(same, 0.0, MASK_VALUE)
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting and is_exporting())
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside ``window × window`` windows with a learned relative position bias."""
 
@@ -103,6 +108,10 @@ class WindowAttention(nn.Module):
             q, k, v = (t.reshape(bw // nw, nw * self.num_heads, n, -1) for t in (q, k, v))
             bias = (bias + mask[:, None].to(q.dtype)).reshape(1, nw * self.num_heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim ** -0.5
+        if _is_exporting():
+            # torch.export's decomposition of SDPA yields other strides than traced, and the reshape below
+            # then becomes an invalid view (ONNX export fails); a real copy avoids it. Not needed otherwise.
+            out = out.clone(memory_format=torch.contiguous_format)
         out = out.reshape(bw, self.num_heads, n, -1).transpose(1, 2).reshape(bw, n, c)
         return self.proj(out)
 
@@ -148,11 +157,13 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``(B, H·W, C)``; ``mask`` from :func:`shifted_window_mask` on the padded size (shifted
-        blocks only) → ``(B, H·W, C)``."""
+        blocks; built here when not given) → ``(B, H·W, C)``."""
         b, n, c = x.shape
         shortcut = x
         x = self.norm1(x).view(b, h, w, c)
         hp, wp = self.padded_size(h, w)
+        if self.shift and mask is None:
+            mask = shifted_window_mask(hp, wp, self.window, self.shift, x.device)
         # Pad first, then roll: the padded zeros take part in the shift, as in the paper's encoder.
         x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
         if self.shift:
