@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_demo_help() -> None:
 
 def test_demo_writes_data_and_preview(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    args = ("demo", "--out", str(out), "--size", "64", "--n-train", "2", "--n-val", "1")
+    args = ("demo", "--out", str(out), "--size", "64", "--n-train", "2", "--n-val", "1", "--no-train")
     result = ctseg_cli(*args)
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(out / "data")
@@ -61,10 +62,40 @@ def test_demo_writes_data_and_preview(tmp_path: Path) -> None:
     # Same arguments again: the set is reused; other arguments: a one-line error, no traceback.
     again = ctseg_cli(*args)
     assert again.returncode == 0, again.stderr
-    clash = ctseg_cli("demo", "--out", str(out), "--size", "32", "--n-train", "2", "--n-val", "1")
+    clash = ctseg_cli(
+        "demo", "--out", str(out), "--size", "32", "--n-train", "2", "--n-val", "1", "--no-train"
+    )
     assert clash.returncode == 2
     assert "Traceback" not in clash.stderr
     assert "made with size=64 (asked: size=32)" in clash.stderr and str(out / "data") in clash.stderr
+
+
+def test_demo_trains_compares_and_reports(tmp_path: Path) -> None:
+    """The whole demo in a reduced size: tiny scenes, a narrow UNetFormer, 2 epochs per model."""
+    import json
+
+    out = tmp_path / "demo"
+    tiny = {
+        "backbone_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]},
+        "decoder_kwargs": {"decode_channels": 16, "num_heads": 2},
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ctseg", "demo", "--out", str(out), "--size", "64", "--n-train", "4", "--n-val", "2",
+         "--n-test", "2", "--batch-size", "2", "--crop-size", "64", "--max-epochs", "2", "--minutes", "2",
+         "--no-progress", "--model-kwargs", json.dumps(tiny)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| IoU car |" in result.stdout and "**mIoU (5 classes)**" in result.stdout
+    assert "baseline" in result.stdout and "ct-cl" in result.stdout
+    report = (out / "report.md").read_text()
+    assert "Test scores" in report and "synthetic" in report and "(curves.png)" in report
+    for png in ("curves.png", "predictions.png", "preview.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and np.asarray(im.convert("RGB")).std() > 10, png
+    runs = json.loads((out / "comparison.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["baseline", "ct-cl"] and all(r["epochs"] == 2 for r in runs)
+    assert (out / "ct-cl" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_demo_rejects_bad_sizes_without_traceback(tmp_path: Path) -> None:

@@ -1,17 +1,23 @@
-"""``ctseg demo``: generate the embedded synthetic aerial set and a preview of it.
+"""``ctseg demo``: generate the synthetic aerial set, train a paper preset without and with CT, compare.
 
-Steps are small functions so that later demo stages (training without and with CT, the comparison) can
-reuse them: :func:`generate_data` writes the prepared set, :func:`write_preview` draws a few of its tiles.
+Steps: :func:`generate_data` writes the prepared set, :func:`write_preview` draws a few of its tiles,
+then :mod:`ctseg.engine.compare` trains the baseline and the CT variant for the same epoch cap and
+wall-time budget, tests both on the test split, prints the comparison table and writes
+``<out>/report.md`` with training curves and prediction overlays. Within 10 minutes on 2 CPU cores.
 
-    ctseg demo --out runs/demo --size 256 --n-train 16 --n-val 4 --seed 0
+    ctseg demo                                  # runs/demo, ~3 min of training per model
+    ctseg demo --minutes 1 --ct infonce         # shorter, InfoNCE instead of CL
+    ctseg demo --no-train                       # data and preview only
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,16 +37,28 @@ PREVIEW_NAME = "preview.png"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctseg demo",
-        description="Generate the synthetic aerial dataset (ISPRS classes) and a preview of it.",
+        description="Generate the synthetic aerial dataset (ISPRS classes), train a paper preset without "
+        "and with CT, and compare them on the test scenes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (data in <out>/data)")
     parser.add_argument("--size", type=int, default=256, help="scene side length in pixels")
-    parser.add_argument("--n-train", type=int, default=16, help="training scenes")
-    parser.add_argument("--n-val", type=int, default=4, help="validation scenes")
-    parser.add_argument("--n-test", type=int, default=4, help="test scenes")
+    parser.add_argument("--n-train", type=int, default=48, help="training scenes")
+    parser.add_argument("--n-val", type=int, default=8, help="validation scenes")
+    parser.add_argument("--n-test", type=int, default=8, help="test scenes")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--preview-tiles", type=int, default=4, help="scenes shown in preview.png")
+    train = parser.add_argument_group("training (see docs/training.md)")
+    train.add_argument("--no-train", action="store_true", help="only generate the data and the preview")
+    train.add_argument("--model", default="unetformer-paper", help="model preset (`ctseg models`)")
+    train.add_argument("--model-kwargs", default="{}", help="JSON dict of extra preset options")
+    train.add_argument("--ct", default="cl", choices=["cl", "infonce"], help="CT loss of the CT run")
+    train.add_argument("--minutes", type=float, default=3.0, help="training time budget per model")
+    train.add_argument("--max-epochs", type=int, default=40, help="epoch cap per model")
+    train.add_argument("--crop-size", type=int, default=128, help="training crop side")
+    train.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    train.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (constant after warm-up)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     return parser
 
 
@@ -140,6 +158,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     _check_args(args)
+    settings = None if args.no_train else _train_settings(args)  # fail before any work
     root, manifest = generate_data(args.out, args.size, args.n_train, args.n_val, args.n_test, args.seed)
     counts = ", ".join(f"{len(manifest.split(s))} {s}" for s in ("train", "val", "test"))
     print(f"synthetic data: {counts} scenes of {args.size}x{args.size} px (seed {args.seed}) in {root}")
@@ -149,4 +168,67 @@ def main(argv: Sequence[str]) -> int:
         print("class shares: " + ", ".join(f"{name} {share:.1%}" for name, share in shares.items()))
     preview = write_preview(root, Path(args.out) / PREVIEW_NAME, count=args.preview_tiles)
     print(f"preview: {preview}")
+    if settings is None:
+        return 0
+    return train_and_compare(args, settings, root, preview)
+
+
+CT_SETTINGS = {
+    "cl": {"loss": "cl", "mode": "paper", "smoothing": 0.1, "clip": 1.0},
+    "infonce": {"loss": "infonce", "mode": "paper", "temperature": 0.1, "clip": 1.0},
+}
+
+
+def _train_settings(args: argparse.Namespace) -> Any:
+    from ctseg.engine.compare import TrainSettings
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-kwargs is not JSON: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--model-kwargs must be a JSON object")
+    for name in ("max_epochs", "crop_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.minutes <= 0 or args.lr <= 0:
+        raise ConfigError("--minutes and --lr must be > 0")
+    if args.n_train < args.batch_size or args.n_val < 1 or args.n_test < 1:
+        raise ConfigError(
+            f"training needs --n-train >= --batch-size ({args.batch_size}) and at least one val and test scene"
+        )
+    return TrainSettings(
+        model=args.model,
+        model_kwargs=kwargs,
+        crop_size=min(args.crop_size, args.size),
+        batch_size=args.batch_size,
+        max_epochs=args.max_epochs,
+        minutes=args.minutes,
+        lr=args.lr,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def train_and_compare(args: argparse.Namespace, settings: Any, root: Path, preview: Path) -> int:
+    """Train the baseline and the CT variant, test both, print the table, write ``<out>/report.md``."""
+    import time
+
+    from ctseg.engine.compare import Variant, comparison_table, train_and_test, write_comparison_report
+
+    t0 = time.perf_counter()
+    protocol = get_protocol(read_manifest(root).protocol)
+    variants = [Variant("baseline", None), Variant(f"ct-{args.ct}", CT_SETTINGS[args.ct])]
+    results = []
+    for v in variants:
+        print(
+            f"\n== training {settings.model} {v.label} (up to {settings.minutes:g} min, {settings.max_epochs} epochs)"
+        )
+        results.append(train_and_test(v, root, args.out, settings))
+    paths = write_comparison_report(
+        args.out, results, protocol, settings, root, preview=preview, total_seconds=time.perf_counter() - t0
+    )
+    print(f"\nTest scores ({protocol.summary()}; split: test):\n")
+    print(comparison_table(results, protocol))
+    print(f"\nreport: {paths['report']}")
     return 0
