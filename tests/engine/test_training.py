@@ -87,7 +87,9 @@ def test_cli_fit_then_test_writes_the_run_folder(synth, tmp_path):
         load_inference_model(run / "checkpoints/last.ckpt", expect_protocol="dubai")
 
     run_cli("test", _cli_args(synth, run, "--ckpt_path", str(run / "checkpoints/last.ckpt")))
-    assert (run / "metrics.csv").is_file() and (run / "logs" / "test-0" / "metrics.csv").is_file()  # fit log kept
+    assert (run / "metrics.csv").is_file() and (
+        run / "logs" / "test-0" / "metrics.csv"
+    ).is_file()  # fit log kept
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["split"] == "test" and test["scores"]["pixels"] == 2 * 64 * 64
 
@@ -137,3 +139,21 @@ def test_resume_after_a_crash_gives_the_same_weights(synth, tmp_path):
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
     assert [r["epoch"] for r in resumed.history] == [0, 1]  # history travels in the checkpoint
+
+
+def test_bf16_mixed_with_ct_and_a_cosine_schedule(synth, tmp_path):
+    pl.seed_everything(0, verbose=False)
+    module = SegmentationModule(
+        model=FAST, model_kwargs=TINY, ct=CT_CL, scheduler="cosine", warmup_steps=1, lr=1e-3, min_lr_ratio=0.1
+    )
+    dm = SegmentationDataModule(str(synth), batch_size=2, num_workers=0, crop_size=64, val_batch_size=2)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, dm)
+    rec = module.history[-1]
+    assert torch.isfinite(torch.tensor(rec["train_loss"])) and rec["ct"]["active"] == 1.0
+    # 2 steps of a 2-step cosine run with 1 warm-up step: the LR ends at min_lr_ratio · lr
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
