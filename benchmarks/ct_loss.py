@@ -16,7 +16,8 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
   each CT variant. Times are medians of ``--repeats`` steps, configurations interleaved round-robin
   in one process (so machine noise hits all alike). Peak memory: on CUDA ``max_memory_allocated``;
-  on CPU the peak RSS (``ru_maxrss``) of a fresh subprocess per configuration running 2 steps.
+  on CPU the peak RSS (VmHWM, reset after a warm-up step) of a fresh subprocess per configuration
+  running 2 steps.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ DUBAI = (
 CHANNELS = (64, 128, 256, 512)
 STRIDES = (4, 8, 16, 32)
 NUM_CLASSES, IGNORE = 5, 5
+SIZE = 512  # crop / input size in pixels (--size)
 COLOURS = [(60, 16, 152), (132, 41, 246), (110, 193, 228), (254, 221, 58), (226, 169, 41)]  # README order
 VARIANTS = {
     "paper-cl": {"mode": "paper", "loss": "cl"},
@@ -58,8 +60,9 @@ VARIANTS = {
 }
 
 
-def dubai_masks(n: int, size: int = 512, seed: int = 0) -> torch.Tensor:
+def dubai_masks(n: int, size: int | None = None, seed: int = 0) -> torch.Tensor:
     """``n`` random ``size``² crops of real Dubai masks, decoded to class ids: ``(n, size, size)``."""
+    size = SIZE if size is None else size
     paths = sorted(DUBAI.glob("Tile */masks/*.png"))
     if not paths:
         raise SystemExit(f"benchmark needs the real Dubai data: no masks under {DUBAI}")
@@ -100,7 +103,7 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
     mask = dubai_masks(batch).to(device)
     g = torch.Generator().manual_seed(0)
     feats = [
-        torch.randn(batch, c, 512 // p, 512 // p, generator=g).to(device).requires_grad_()
+        torch.randn(batch, c, SIZE // p, SIZE // p, generator=g).to(device).requires_grad_()
         for c, p in zip(CHANNELS, STRIDES)
     ]
     cts = {v: make_ct(v, device, clip=None) for v in VARIANTS}
@@ -156,22 +159,46 @@ def step_setup(config: str, device: torch.device, batch: int):
     params = list(model.parameters()) + ([] if ct is None else list(ct.parameters()))
     opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: same work as training, weights unchanged
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, 512, 512, generator=g).to(device)
+    images = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(device)
     masks = dubai_masks(batch).to(device)
     return make_step(model, ct, opt, images, masks)
 
 
+def _peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs``); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB → GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def step_memory_child(config: str, device: torch.device, batch: int) -> float:
-    """Peak memory of 2 training steps of one configuration (run in a fresh process on CPU)."""
+    """Peak memory of training steps of one configuration (on CPU: run in a fresh process).
+
+    One warm-up step first; then the peak mark is reset (CUDA: ``reset_peak_memory_stats``, CPU: the
+    kernel's peak RSS), so imports and set-up do not hide the difference, and 2 steps are measured.
+    """
     step = step_setup(config, device, batch)
+    step()
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _peak_rss_reset()
     for _ in range(2):
         step()
     sync(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB (Linux)
+    return _peak_rss_gib()
 
 
 def bench_step(repeats: int, device: torch.device, batch: int = 8) -> dict[str, dict[str, float]]:
@@ -179,7 +206,7 @@ def bench_step(repeats: int, device: torch.device, batch: int = 8) -> dict[str, 
     model = build_model(device)
     opts, cts = {}, {}
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, 512, 512, generator=g).to(device)
+    images = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(device)
     masks = dubai_masks(batch).to(device)
     steps = {}
     for c in configs:  # one model (same weights and work) for all; each config its own heads/optimizer
@@ -202,7 +229,18 @@ def bench_step(repeats: int, device: torch.device, batch: int = 8) -> dict[str, 
             out[c]["peak_gib"] = step_memory_child(c, device, batch)
         else:
             res = subprocess.run(
-                [sys.executable, __file__, "--memory-child", c, "--device", "cpu", "--batch", str(batch)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-child",
+                    c,
+                    "--device",
+                    "cpu",
+                    "--batch",
+                    str(batch),
+                    "--size",
+                    str(SIZE),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -219,12 +257,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["loss", "step", "all"], default="all")
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="loss part; the step part uses B=8")
+    ap.add_argument(
+        "--step-batch", type=int, default=8, help="step part batch size (the target is stated at 8)"
+    )
+    ap.add_argument("--size", type=int, default=512, help="crop size in pixels")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, help="also write the figures here (atomic write)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    global SIZE
+    SIZE = args.size
     if args.memory_child:
         print(step_memory_child(args.memory_child, device, args.batch[0]))
         return
@@ -235,14 +279,14 @@ def main() -> None:
         for b in args.batch:
             res = bench_loss(b, args.repeats, device)
             results[f"loss_B{b}"] = res
-            print(f"\nCT loss alone, forward + backward, B={b}, 512², {device}:")
+            print(f"\nCT loss alone, forward + backward, B={b}, {SIZE}², {device}:")
             for v, r in res.items():
                 extra = f"  peak +{r['peak_extra_gib']:.3f} GiB" if "peak_extra_gib" in r else ""
                 print(f"  {v:18s} {r['time_s'] * 1000:9.1f} ms{extra}")
     if args.part in ("step", "all"):
-        res = bench_step(args.repeats, device)
-        results["step_B8"] = res
-        print(f"\nDCPoolFormer training step, B=8, 512², {device}:")
+        res = bench_step(args.repeats, device, args.step_batch)
+        results[f"step_B{args.step_batch}"] = res
+        print(f"\nDCPoolFormer training step, B={args.step_batch}, {SIZE}², {device}:")
         for c, r in res.items():
             print(
                 f"  {c:18s} {r['time_s']:7.3f} s ({r['time_vs_baseline']:+6.1%})   "

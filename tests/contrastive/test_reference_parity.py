@@ -36,8 +36,8 @@ def test_parity_synthetic(loss, seed):
     feats = stage_features(4, 128, 128, seed)
     ours, ref, stats = _pair(fn, feats, mask, seed, loss=loss, ignore_index=6)
     assert stats["active"] == 1.0
-    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
-    assert stats["loss_raw"] == pytest.approx(ref.item(), abs=1e-5)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-5)
+    assert stats["loss_raw"] == pytest.approx(ref.item(), rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["cl", "infonce"])
@@ -55,7 +55,9 @@ def test_parity_real_dubai(loss, seed, dubai_root):
     mask = dubai_crops(dubai_root, 2, 256, seed=seed)
     feats = stage_features(2, 256, 256, seed)
     ours, ref, _ = _pair(fn, feats, mask, seed, loss=loss, ignore_index=DUBAI_IGNORE)
-    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+    # InfoNCE values reach ~5 here; float reduction order (thread count, torch version) moves the
+    # last digits, so the 1e-5 bound is absolute or relative, whichever is larger.
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["cl", "infonce"])

@@ -23,6 +23,8 @@ import torch
 class StageSample:
     """Sampled rows of one stage (flat patch indices ``b·h·w + i·w + j`` within the group).
 
+    Widths depend on the budgets only (not on the map size), so stages can be concatenated.
+
     Attributes:
         pos_rows: ``(K, P)`` long; the first ``pos_count[c]`` entries of row c are valid.
         pos_count: ``(K,)`` long.
@@ -59,13 +61,19 @@ def candidate_masks(counts: torch.Tensor, patch_pixels: int) -> tuple[torch.Tens
     return flat == patch_pixels, flat == 0
 
 
+def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad ``(K, k)`` row indices to ``(K, width)`` with row 0 (beyond the valid count, never read as
+    valid), so that every stage has the same sample width and stages can be batched."""
+    return rows if rows.shape[1] == width else torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
+
+
 def _top_rows(keys: torch.Tensor, eligible: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the ``budget`` largest keys among eligible ones, eligible first: ``(K, budget)``, ``(K,)``."""
     k = min(budget, keys.shape[-1])
     masked = torch.where(eligible, keys, torch.full((), -1.0, dtype=keys.dtype, device=keys.device))
     rows = torch.topk(masked, k, dim=-1, largest=True, sorted=True).indices
     available = eligible.sum(-1)
-    return rows, torch.clamp(available, max=k)
+    return _pad_columns(rows, budget), torch.clamp(available, max=k)
 
 
 @register_sampler("random")
@@ -124,6 +132,6 @@ def confidence_sample(
     i = torch.arange(h, device=conf.device)
     low = order[:, :h]
     high = order.gather(1, (pos_available[:, None] - 1 - i[None, :]).clamp(min=0))
-    pos_rows = torch.stack([low, high], dim=-1).reshape(K, 2 * h)
+    pos_rows = _pad_columns(torch.stack([low, high], dim=-1).reshape(K, 2 * h), 2 * (num_positives // 2))
     neg_rows, neg_count = _top_rows(conf, neg_mask, num_negatives)
     return StageSample(pos_rows, 2 * half, neg_rows, neg_count, pos_available, neg_mask.sum(-1))

@@ -1,6 +1,6 @@
-"""Paper-mode loss terms of one stage, batched over classes (registry :data:`PAPER_TERMS`).
+"""Paper-mode loss terms, batched over (stage, class) rows (registry :data:`PAPER_TERMS`).
 
-Input: projected samples of one stage, ``zp`` ``(K, P, d)`` positives and ``zn`` ``(K, M, d)``
+Input: projected samples, ``zp`` ``(R, P, d)`` positives and ``zn`` ``(R, M, d)`` (R = stages × classes)
 negatives (unit rows, valid rows first, counts ``(K,)``), paired as described in ``sampling.py``.
 Hard mining follows the paper's text: negative pairs sorted by similarity descending, positive pairs
 (the two halves of the positives) ascending, the ``take_top`` fraction kept.
