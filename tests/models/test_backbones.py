@@ -461,6 +461,33 @@ def test_timm_local_weights_file(tmp_path):
         create_backbone("timm:convnext_atto", pretrained=tmp_path / "absent.pth")
 
 
+def test_partial_local_weights(tmp_path, swin_paper):
+    # timm file with another classifier: the feature net takes every tensor it has (names flattened by
+    # features_only, "stages.0" → "stages_0"), the head is reported as unexpected.
+    torch.manual_seed(4)
+    full = timm.create_model("convnext_atto", num_classes=7)
+    path = tmp_path / "convnext_atto_7cls.pth"
+    torch.save({"model": full.state_dict()}, path)
+    bb = create_backbone("timm:convnext_atto", pretrained=path, partial=True)
+    report = bb.load_report
+    assert not report.missing and not report.mismatched
+    assert set(report.unexpected) == {k for k in full.state_dict() if k.startswith("head.")}
+    torch.testing.assert_close(
+        bb.body.stages_3.blocks[0].conv_dw.weight, full.stages[3].blocks[0].conv_dw.weight
+    )
+    # The paper's Swin: a file with one mis-shaped tensor loads the rest and names that one.
+    sd = swin_paper.state_dict()
+    sd["norm3.weight"] = torch.ones(7)
+    path = tmp_path / "swin_bad_norm.pt"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"norm3\.weight \(expected \[512\], got \[7\]\)"):
+        create_backbone("swin-paper", pretrained=path)
+    bb = create_backbone("swin-paper", pretrained=path, partial=True)
+    assert [k for k, *_ in bb.load_report.mismatched] == ["norm3.weight"]
+    assert len(bb.load_report.loaded) == len(sd) - 1
+    torch.testing.assert_close(bb.norm0.weight, swin_paper.norm0.weight)
+
+
 @pytest.fixture
 def offline_empty_hf_cache(tmp_path, monkeypatch):
     """No network and an empty Hugging Face cache, so pretrained=True cannot find weights."""

@@ -6,7 +6,9 @@ spec), and ``"timm:<timm model name>"`` for any hierarchical timm model (``featu
 
 ``pretrained``: ``False`` (random init), ``True`` (the published weights: timm's pretrained tag from the
 Hugging Face cache; for ``poolformer-paper`` the official PoolFormer-S12 tensors that fit), or a path to a
-local weights file. What a load copied is kept in ``backbone.load_report`` where ctseg did the loading.
+local weights file. Files load strictly (every key and shape must fit, else ``CheckpointError``) unless
+``partial=True``, which copies what fits; ``poolformer-paper`` always loads partially, since the official
+S12 weights fit only 63 of its 156 tensors. What ctseg's loader copied is kept in ``backbone.load_report``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ _REGISTRY: dict[str, BackboneFactory] = {}
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Register ``factory(pretrained=..., **kwargs) -> Backbone`` under ``name``."""
+    """Register ``factory(pretrained=..., partial=..., **kwargs) -> Backbone`` under ``name``."""
 
     def deco(factory: BackboneFactory) -> BackboneFactory:
         if name in _REGISTRY or name.startswith(TIMM_PREFIX):
@@ -86,7 +88,9 @@ def is_plain_vit(model_name: str) -> bool:
     return bool(is_model_in_modules(model_name, PLAIN_VIT_MODULES))
 
 
-def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) -> Backbone:
+def create_backbone(
+    name: str, pretrained: Pretrained = False, *, partial: bool = False, **kwargs: Any
+) -> Backbone:
     """Build the encoder ``name`` (see the module docstring); ``kwargs`` go to its constructor."""
     if name.startswith(TIMM_PREFIX):
         model_name = name[len(TIMM_PREFIX) :]
@@ -96,13 +100,13 @@ def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) ->
                 "(see timm.list_models('pattern*'))"
             )
         cls = TimmViTBackbone if is_plain_vit(model_name) else TimmBackbone
-        return cls(model_name, pretrained=pretrained, **kwargs)
+        return cls(model_name, pretrained=pretrained, partial=partial, **kwargs)
     factory = _REGISTRY.get(name)
     if factory is None:
         raise ConfigError(
             f"unknown backbone {name!r}; known: {', '.join(list_backbones())}, or 'timm:<timm model name>'"
         )
-    return factory(pretrained=pretrained, **kwargs)
+    return factory(pretrained=pretrained, partial=partial, **kwargs)
 
 
 def _check_kwargs(name: str, cls: type, kwargs: dict[str, Any]) -> None:
@@ -113,7 +117,7 @@ def _check_kwargs(name: str, cls: type, kwargs: dict[str, Any]) -> None:
 
 
 @register_backbone("swin-paper")
-def _swin_paper(pretrained: Pretrained = False, **kwargs: Any) -> Backbone:
+def _swin_paper(pretrained: Pretrained = False, partial: bool = False, **kwargs: Any) -> Backbone:
     _check_kwargs("swin-paper", SwinPaper, kwargs)
     if pretrained is True:
         raise ConfigError(
@@ -122,12 +126,14 @@ def _swin_paper(pretrained: Pretrained = False, **kwargs: Any) -> Backbone:
             "'timm:swin_tiny_patch4_window7_224' for an ImageNet-pretrained standard Swin"
         )
     model = SwinPaper(**kwargs)
-    model.load_report = load_state_dict_report(model, pretrained, strict=True) if pretrained else None
+    if pretrained:
+        model.load_report = load_state_dict_report(model, pretrained, strict=not partial, partial=partial)
     return model
 
 
 @register_backbone("poolformer-paper")
-def _poolformer_paper(pretrained: Pretrained = False, **kwargs: Any) -> Backbone:
+def _poolformer_paper(pretrained: Pretrained = False, partial: bool = True, **kwargs: Any) -> Backbone:
+    del partial  # always partial: the official S12 weights fit only part of this encoder (§2.4)
     _check_kwargs("poolformer-paper", PoolFormerPaper, kwargs)
     model = PoolFormerPaper(**kwargs)
     report: LoadReport | None = None

@@ -9,6 +9,7 @@ models with ``dynamic_img_size=True`` so any input that is a multiple of 32 work
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ctseg.errors import CheckpointError, ConfigError
 from ctseg.models.backbones.base import STANDARD_STRIDES, Backbone, LayerNorm2d
+from ctseg.models.weights import LoadReport, load_state_dict_report, read_state_dict
 
 #: timm modules whose models take ``img_size`` / ``dynamic_img_size`` and return pre-norm NHWC stage outputs.
 SWIN_LIKE_MODULES: tuple[str, ...] = ("swin_transformer", "swin_transformer_v2")
@@ -73,19 +75,42 @@ def create_timm_model(model_name: str, pretrained: bool | str | Path = False, **
         ) from exc
 
 
+# features_only flattens top-level Sequentials: checkpoint "stages.0.x" is "stages_0.x" in the feature net.
+_FLATTENED = re.compile(r"^([A-Za-z_]\w*)\.(\d+)\.")
+
+
+def load_partial(module: nn.Module, path: str | Path) -> LoadReport:
+    """Copy the tensors of a timm-format checkpoint that fit ``module`` (a timm model or its
+    ``features_only`` wrapper), skipping the rest (classifier, other widths); the report is logged."""
+    state_dict, name = read_state_dict(path)
+    targets = module.state_dict()
+    renamed = {}
+    for key, value in state_dict.items():
+        alt = _FLATTENED.sub(r"\1_\2.", key)
+        renamed[key if key in targets or alt not in targets else alt] = value
+    return load_state_dict_report(module, renamed, strict=False, partial=True, source=name)
+
+
+def is_weights_file(pretrained: bool | str | Path) -> bool:
+    return isinstance(pretrained, str | Path) and not isinstance(pretrained, bool)
+
+
 class TimmBackbone(Backbone):
     """A timm model's last four feature levels as NCHW maps at strides 4, 8, 16, 32.
 
     ``x`` ``(B, 3, H, W)`` → ``[(B, C_i, H / s_i, W / s_i)]`` with ``C_i`` = ``out_channels[i]`` from
     timm's ``feature_info``. ``stage_norm`` (default: on for Swin-like models) adds a trainable
     LayerNorm over channels on each output. ``img_size`` (Swin-like only) is the construction size;
-    other multiples of 32 work at run time. Extra keyword arguments go to ``timm.create_model``.
+    other multiples of 32 work at run time. ``partial=True`` with a weights file copies only the tensors
+    that fit (report in ``load_report``) instead of timm's strict load. Extra keyword arguments go to
+    ``timm.create_model``.
     """
 
     def __init__(
         self,
         model_name: str,
         pretrained: bool | str | Path = False,
+        partial: bool = False,
         out_indices: int | tuple[int, ...] = 4,
         stage_norm: bool | None = None,
         img_size: int | tuple[int, int] | None = None,
@@ -102,7 +127,8 @@ class TimmBackbone(Backbone):
         elif img_size is not None:
             kwargs["img_size"] = img_size
         kwargs.update(timm_kwargs)
-        body = create_timm_model(model_name, pretrained, **kwargs)
+        load_later = partial and is_weights_file(pretrained)
+        body = create_timm_model(model_name, False if load_later else pretrained, **kwargs)
         channels, strides = body.feature_info.channels(), body.feature_info.reduction()
         if tuple(strides) != STANDARD_STRIDES:
             raise ConfigError(
@@ -118,6 +144,8 @@ class TimmBackbone(Backbone):
             stage_norm = swin_like
         norm_cls = nn.LayerNorm if self.channels_last else LayerNorm2d
         self.stage_norms = nn.ModuleList(norm_cls(c) for c in channels) if stage_norm else None
+        if load_later:
+            self.load_report = load_partial(body, pretrained)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.body(x)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ctseg.errors import ConfigError
 from ctseg.models.backbones.base import STANDARD_STRIDES, Backbone, LayerNorm2d
-from ctseg.models.backbones.timm_adapter import create_timm_model
+from ctseg.models.backbones.timm_adapter import create_timm_model, is_weights_file, load_partial
 
 VIT_STRIDE = 16  # the grid the pyramid is built from; other patch sizes are resampled onto it
 
@@ -80,13 +80,15 @@ class TimmViTBackbone(Backbone):
     ``x`` ``(B, 3, H, W)`` with ``H, W`` multiples of 32 → maps at strides 4, 8, 16, 32 with channels
     ``[D/4, D/2, D, D]`` (``D`` = ViT width) or ``out_channels``. ``levels="spaced"`` feeds level ``i`` from
     block ``spaced_block_indices(depth)[i]``; ``"last"`` feeds all from the last block. ``norm`` applies the
-    ViT's final norm to the taken tokens. Extra keyword arguments go to ``timm.create_model``.
+    ViT's final norm to the taken tokens. ``partial=True`` with a weights file copies only the tensors
+    that fit. Extra keyword arguments go to ``timm.create_model``.
     """
 
     def __init__(
         self,
         model_name: str,
         pretrained: bool | str | Path = False,
+        partial: bool = False,
         levels: Literal["spaced", "last"] = "spaced",
         out_channels: Sequence[int] | None = None,
         norm: bool = True,
@@ -99,7 +101,9 @@ class TimmViTBackbone(Backbone):
         if img_size is not None:
             kwargs["img_size"] = img_size
         kwargs.update(timm_kwargs)
-        vit = create_timm_model(model_name, pretrained, **kwargs)
+        load_later = partial and is_weights_file(pretrained)
+        vit = create_timm_model(model_name, False if load_later else pretrained, **kwargs)
+        report = load_partial(vit, pretrained) if load_later else None
         if not hasattr(vit, "forward_intermediates") or not hasattr(vit, "blocks"):
             raise ConfigError(f"timm:{model_name} is not a plain ViT with blocks and forward_intermediates")
         depth = len(vit.blocks)
@@ -113,6 +117,7 @@ class TimmViTBackbone(Backbone):
         self.neck = neck
         self.indices = indices
         self.norm = norm
+        self.load_report = report
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, w = x.shape[-2] // VIT_STRIDE, x.shape[-1] // VIT_STRIDE
