@@ -139,6 +139,8 @@ def worker(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         for _ in range(2):
             net(x)
+    if device.startswith("cuda"):
+        raw()  # a whole pass of warm-up: cuDNN picks its algorithms, the allocator fills its cache
     raw_before = raw()
     rss_before = _status_kb("VmRSS")
     reset = _reset_peak_rss()

@@ -153,7 +153,7 @@ def test_geotiff_band_selection_and_non_uint8(tmp_path: Path, rng: np.random.Gen
     with pytest.raises(DataError, match=r"uint16.*input_max"):
         open_scene(src, bands=(3, 2, 1))
     with open_scene(src, bands=(3, 2, 1), input_max=4000) as r:
-        np.testing.assert_array_equal(r.read_rows(5, 9), rgbi[5:9, :, [2, 1, 0]])
+        np.testing.assert_array_equal(r.read_rows(5, 9), rgbi[5:9, :, [2, 1, 0]].transpose(2, 0, 1))
     model = pointwise_net()
     a = predict_large(model, src, window=32, overlap=8, return_logits=True, input_max=4000, bands=(1, 2, 3))
     b = predict_large(
@@ -214,7 +214,7 @@ def test_geotiff_without_rasterio_says_how_to_install(
     # A plain TIFF is read with Pillow and predicted to PNG.
     with open_scene(plain) as r:
         assert r.georef is None and (r.height, r.width) == smooth_image.shape[:2]
-        np.testing.assert_array_equal(r.read_rows(0, 3), smooth_image[:3])
+        np.testing.assert_array_equal(r.read_rows(0, 3), smooth_image[:3].transpose(2, 0, 1))
 
 
 @pytest.mark.parametrize(
@@ -259,4 +259,16 @@ def test_palette_png_and_jpeg_inputs(tmp_path: Path, smooth_image: np.ndarray) -
     assert [p.name for p in list_inputs(tmp_path)] == ["j.jpg", "p.png"]
     for name in ("p.png", "j.jpg"):
         with open_scene(tmp_path / name) as r:
-            assert r.read_rows(0, 2).shape == (2, 101, 3) and r.dtype == np.uint8
+            assert r.read_rows(0, 2).shape == (3, 2, 101) and r.dtype == np.uint8
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_png_pieces_compressed_in_parallel_form_one_valid_stream(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    monkeypatch.setattr(cio, "_PNG_PIECE", 97)  # many pieces per block, odd size on purpose
+    data = rng.integers(0, 4, (61, 83, 3), dtype=np.uint8)
+    with PNGStreamWriter(tmp_path / "a.png", 83, 61, channels=3, threads=threads) as wr:
+        for y in range(0, 61, 20):
+            wr.write(data[y : y + 20])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), data)

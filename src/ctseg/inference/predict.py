@@ -31,6 +31,7 @@ from ctseg.inference.io import (
     PNGStreamWriter,
     RowWriter,
     check_output_dir,
+    gdal_env,
     open_scene,
     writers,
 )
@@ -66,13 +67,6 @@ def output_names(stem: str, georeferenced: bool, probs: bool) -> dict[str, str]:
     if probs:
         names["probs"] = f"{stem}_probs.tif" if georeferenced else f"{stem}_probs.npy"
     return names
-
-
-def _write_block(items: dict[str, RowWriter], labels: np.ndarray, prob: np.ndarray | None) -> None:
-    items["labels"].write(labels)
-    items["color"].write(labels)
-    if prob is not None:
-        items["probs"].write(prob)
 
 
 def predict_file(
@@ -112,7 +106,7 @@ def predict_file(
     settings = settings or SlidingWindow()
     out_dir = check_output_dir(output_dir)
     palette = [tuple(int(v) for v in c) for c in (colors or default_palette(num_classes))]
-    with open_scene(input_path, input_max=input_max, bands=bands) as reader:
+    with gdal_env(), open_scene(input_path, input_max=input_max, bands=bands) as reader:
         h, w = reader.height, reader.width
         geo = reader.georef is not None
         names = output_names(Path(input_path).stem, geo, probs)
@@ -138,23 +132,30 @@ def predict_file(
                 )
             elif probs:
                 items["probs"] = NpyStreamWriter(out.path(names["probs"]), w, h, num_classes)
-            with writers(*items.values()), ThreadPoolExecutor(1, thread_name_prefix="ctseg-write") as pool:
-                # Write-behind: compress and write one block while the next is computed (zlib and GDAL
-                # release the GIL). At most one block waits, so memory stays bounded.
-                pending: Future[None] | None = None
-                for _, block in iter_blended_rows(
-                    model, reader, settings, normalization=normalization, device=device, progress=progress
-                ):
-                    if block.shape[0] != num_classes:
-                        raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
-                    labels = block.max(0).indices.to(torch.uint8).cpu().numpy()  # (h, W)
-                    prob = (
-                        F.softmax(block, dim=0).permute(1, 2, 0).cpu().numpy() if "probs" in items else None
-                    )
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(_write_block, items, labels, prob)
-                if pending is not None:
-                    pending.result()
+            lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in items}
+            try:
+                with writers(*items.values()):
+                    # Write-behind, one thread per file: compress and write a block while the next one is
+                    # computed (zlib and GDAL release the GIL). At most one block waits per file.
+                    pending: list[Future[None]] = []
+                    for _, block in iter_blended_rows(
+                        model, reader, settings, normalization=normalization, device=device, progress=progress
+                    ):
+                        if block.shape[0] != num_classes:
+                            raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
+                        labels = block.max(0).indices.to(torch.uint8).cpu().numpy()  # (h, W)
+                        data = {"labels": labels, "color": labels}
+                        if "probs" in items:
+                            data["probs"] = (
+                                F.softmax(block, dim=0).permute(1, 2, 0).cpu().numpy()
+                            )  # (h, W, K)
+                        for f in pending:
+                            f.result()
+                        pending = [lanes[k].submit(items[k].write, data[k]) for k in items]
+                    for f in pending:
+                        f.result()
+            finally:
+                for lane in lanes.values():
+                    lane.shutdown(wait=True)
             result.outputs = {k: out_dir / v for k, v in names.items()}
     return result

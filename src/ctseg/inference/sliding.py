@@ -252,7 +252,7 @@ def iter_blended_rows(
     Args:
         model: maps ``(B, 3, window, window)`` normalised images to ``(B, K, window, window)`` logits
             (wrap it in :class:`~ctseg.inference.tta.TTA` for test-time augmentation).
-        reader: the scene; ``reader.read_rows(y0, y1)`` gives ``(y1 - y0, W, 3)`` raw pixels.
+        reader: the scene; ``reader.read_rows(y0, y1)`` gives ``(3, y1 - y0, W)`` raw pixels.
         settings: window, overlap, blending profile and batch size.
         normalization: ``{"mean", "std"}`` on the 0-1 scale; ``None`` = only divide by ``reader.input_max``.
         device: where the model runs (default: the model's device).
@@ -282,11 +282,11 @@ def iter_blended_rows(
         # Read the next strip while this one is computed (GDAL and numpy release the GIL).
         pending = pool.submit(_load_strip, reader, gy, gx, gy.starts[0])
         for r, y in enumerate(gy.starts):
-            band = pending.result()  # (win, Wp, 3) raw pixels, reflect-padded
+            band = pending.result()  # (3, win, Wp) raw pixels, reflect-padded
             if r + 1 < len(gy.starts):
                 pending = pool.submit(_load_strip, reader, gy, gx, gy.starts[r + 1])
             strip = torch.from_numpy(band).to(device, non_blocking=True)
-            strip = norm(strip.permute(2, 0, 1)[None])[0].contiguous()  # (3, win, Wp) float32
+            strip = norm(strip[None])[0]  # (3, win, Wp) float32
             for b0 in range(0, len(gx.starts), settings.batch_size):
                 xs = gx.starts[b0 : b0 + settings.batch_size]
                 batch = torch.stack([strip[:, :, x : x + win] for x in xs])  # (B, 3, win, win)
@@ -320,11 +320,13 @@ def iter_blended_rows(
 
 
 def _load_strip(reader: SceneReader, gy: AxisGrid, gx: AxisGrid, y: int) -> np.ndarray:
-    """Raw pixels of padded rows ``[y, y + window)`` over the padded width, ``(window, W_pad, 3)``."""
+    """Raw pixels of padded rows ``[y, y + window)`` over the padded width, ``(3, window, W_pad)``."""
     rows = reflect_index(np.arange(y, y + gy.window) - gy.pad_before, gy.length)
     lo, hi = int(rows.min()), int(rows.max()) + 1
-    band = np.take(reader.read_rows(lo, hi), rows - lo, axis=0)  # (window, W, 3)
-    pad = ((0, 0), (gx.pad_before, gx.pad_after), (0, 0))
+    band = reader.read_rows(lo, hi)  # (3, hi - lo, W)
+    if hi - lo != gy.window or rows[0] != lo or rows[-1] != hi - 1:  # reflected rows at the top / bottom
+        band = np.take(band, rows - lo, axis=1)
+    pad = ((0, 0), (0, 0), (gx.pad_before, gx.pad_after))
     # numpy's "reflect" is reflect_index's convention (also for pads longer than the row); one column: edge.
     return np.pad(band, pad, mode="reflect" if gx.length > 1 else "edge")
 
@@ -386,7 +388,7 @@ def predict_large(
         return_probs / return_logits: also return softmax probabilities / blended logits ``(K, H, W)``.
         progress: ``progress(done, total)`` window counter.
     """
-    from ctseg.inference.io import ArrayReader, open_scene
+    from ctseg.inference.io import ArrayReader, gdal_env, open_scene
     from ctseg.inference.tta import maybe_tta
 
     settings = SlidingWindow(window=window, overlap=overlap, blend=blend, batch_size=batch_size)
@@ -399,7 +401,7 @@ def predict_large(
     net = maybe_tta(model, tta, scales)
     labels: np.ndarray | None = None
     probs = logits_out = None
-    with reader:
+    with gdal_env(), reader:
         for y0, block in iter_blended_rows(
             net, reader, settings, normalization=normalization, device=device, progress=progress
         ):

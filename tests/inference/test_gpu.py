@@ -1,0 +1,46 @@
+"""GPU checks: the sliding window on CUDA gives the CPU result (run by the GPU check, skipped without CUDA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctseg.inference.predict import predict_file
+from ctseg.inference.sliding import SlidingWindow, predict_large
+from tests.inference.conftest import conv_net, pointwise_net, write_geotiff
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_cuda_matches_cpu_and_whole_image(rng: np.random.Generator) -> None:
+    image = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    net = conv_net(5)
+    cpu = predict_large(net, image, window=64, overlap=16, batch_size=6, tta="flip", return_logits=True)
+    gpu = predict_large(
+        net.cuda(), image, window=64, overlap=16, batch_size=6, tta="flip", return_logits=True
+    )
+    np.testing.assert_allclose(gpu.logits, cpu.logits, atol=1e-3)
+    pw = pointwise_net().cuda()
+    whole = predict_large(pw, image, window=300, overlap=0, return_logits=True).logits
+    slid = predict_large(pw, image, window=64, overlap=24, return_logits=True).logits
+    np.testing.assert_allclose(slid, whole, atol=1e-4)
+
+
+def test_cuda_geotiff_prediction(tmp_path: Path, rng: np.random.Generator) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    image = rng.integers(0, 256, (520, 700, 3), dtype=np.uint8)
+    src = write_geotiff(tmp_path / "s.tif", image)
+    net = pointwise_net(6)
+    res = predict_file(
+        net.cuda(), src, tmp_path / "o", SlidingWindow(128, 32, batch_size=8), num_classes=6, probs=True
+    )
+    ref = predict_large(net.cpu(), image, window=128, overlap=32)
+    with rasterio.open(res.outputs["labels"]) as d, rasterio.open(src) as s:
+        assert d.crs == s.crs and d.transform == s.transform
+        assert (d.read(1) == ref.labels).mean() > 0.999  # TF32/cuDNN may flip near-ties
