@@ -157,3 +157,54 @@ def test_bf16_mixed_with_ct_and_a_cosine_schedule(synth, tmp_path):
     # 2 steps of a 2-step cosine run with 1 warm-up step: the LR ends at min_lr_ratio · lr
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
     assert all(p.dtype == torch.float32 for p in module.model.parameters())
+
+
+@pytest.mark.slow
+def test_sigkill_after_an_epoch_then_resume_matches_uninterrupted(tmp_path):
+    """`ctseg fit` killed with SIGKILL after its first epoch, resumed with `--ckpt_path last`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, n_train=8, n_val=1, n_test=1, size=64, seed=0)
+
+    def args(run: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "ctseg", "fit", *_cli_args(root, run, "--trainer.max_epochs", "3",
+            "--trainer.deterministic", "true", "--data.batch_size", "1", "--model.ct_group_size", "1"),
+        ]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(args(tmp_path / "a"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_b = tmp_path / "b"
+    proc = subprocess.Popen(args(run_b), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_b / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                torch.load(last, map_location="cpu", weights_only=True)  # fully written
+                break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert killed_at < 2
+
+    resumed = subprocess.run(
+        [*args(run_b), "--ckpt_path", "last"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(last, map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    diff = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
