@@ -398,9 +398,11 @@ def test_vit_prefix_tokens_and_levels(levels):
     _check_backward(bb, bb.vit.patch_embed.proj.weight)
 
 
-def test_vit_other_patch_size_is_resampled_to_stride_16():
-    bb = create_backbone("timm:vit_small_patch16_224", patch_size=8, **TINY_VIT)
+@pytest.mark.parametrize("patch", [8, 14])
+def test_vit_other_patch_size_is_resampled_to_stride_16(patch):
+    bb = create_backbone("timm:vit_small_patch16_224", patch_size=patch, **TINY_VIT)
     _check_shapes(bb, 64, 96)
+    _check_shapes(bb, 96, 160)
 
 
 def test_spaced_block_indices():

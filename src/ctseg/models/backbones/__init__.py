@@ -50,13 +50,8 @@ BackboneFactory = Callable[..., Backbone]
 
 TIMM_PREFIX = "timm:"
 #: timm modules whose models are single-scale ViTs; they go through the simple feature pyramid.
-PLAIN_VIT_MODULES: tuple[str, ...] = (
-    "vision_transformer",
-    "deit",
-    "eva",
-    "beit",
-    "vision_transformer_relpos",
-)
+#: (BEiT is left out: it cannot take dynamic input sizes.)
+PLAIN_VIT_MODULES: tuple[str, ...] = ("vision_transformer", "deit", "eva", "vision_transformer_relpos")
 #: timm name of the official PoolFormer-S12 weights (sail-sg release) used by ``poolformer-paper``.
 POOLFORMER_S12_TIMM = "poolformer_s12.sail_in1k"
 

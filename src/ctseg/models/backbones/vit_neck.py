@@ -1,8 +1,8 @@
 """A plain (single-scale) timm ViT as a 4-level :class:`Backbone`, via a simple feature pyramid.
 
-The ViT's tokens live on one grid at stride 16. Following the "simple feature pyramid" of ViTDet, the
-levels are made from that grid alone: two stride-2 transposed convs (→ stride 4), one (→ 8), identity
-(→ 16) and a 2×2 max-pool (→ 32). Each level reads either its own block (four evenly spaced blocks,
+The ViT's tokens live on one grid at stride 16 (other patch sizes, e.g. 14, are padded and resampled
+onto it). Following the "simple feature pyramid" of ViTDet, the levels are made from that grid alone:
+two stride-2 transposed convs (→ stride 4), one (→ 8), identity (→ 16) and a 2×2 max-pool (→ 32). Each level reads either its own block (four evenly spaced blocks,
 default) or the last block. timm's ``forward_intermediates`` removes the class / register (prefix) tokens
 and reshapes to NCHW; ``dynamic_img_size=True`` resamples the position embedding for any input size.
 """
@@ -75,7 +75,7 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 class TimmViTBackbone(Backbone):
-    """A plain timm ViT (``vit_*``, ``deit_*``, ``eva*``, ``beit*`` …) with a simple feature pyramid.
+    """A plain timm ViT (``vit_*``, ``deit_*``, ``eva*`` …) with a simple feature pyramid.
 
     ``x`` ``(B, 3, H, W)`` with ``H, W`` multiples of 32 → maps at strides 4, 8, 16, 32 with channels
     ``[D/4, D/2, D, D]`` (``D`` = ViT width) or ``out_channels``. ``levels="spaced"`` feeds level ``i`` from
@@ -110,6 +110,10 @@ class TimmViTBackbone(Backbone):
         indices = spaced_block_indices(depth) if levels == "spaced" else [depth - 1]
         vit.prune_intermediate_layers(indices, prune_norm=not norm, prune_head=True)
         dim = int(vit.embed_dim)
+        patch = vit.patch_embed.patch_size
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if patch[0] != patch[1]:
+            raise ConfigError(f"timm:{model_name}: non-square patches {patch} are not supported")
         neck = SimpleFeaturePyramid(dim, out_channels)
         super().__init__(neck.out_channels, list(STANDARD_STRIDES))
         self.model_name = model_name
@@ -118,19 +122,26 @@ class TimmViTBackbone(Backbone):
         self.indices = indices
         self.norm = norm
         self.load_report = report
+        self.patch = int(patch[0])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, w = x.shape[-2] // VIT_STRIDE, x.shape[-1] // VIT_STRIDE
+        if self.patch != VIT_STRIDE:
+            # e.g. patch 14 (DINOv2, EVA-02): pad bottom/right so the patches tile the input.
+            x = F.pad(x, (0, (-x.shape[-1]) % self.patch, 0, (-x.shape[-2]) % self.patch))
         feats = self.vit.forward_intermediates(
             x, indices=self.indices, norm=self.norm, output_fmt="NCHW", intermediates_only=True
-        )  # prefix tokens dropped: each (B, D, H/p, W/p)
+        )  # prefix tokens dropped: each (B, D, ceil(H/p), ceil(W/p))
         if len(feats) == 1:
             feats = feats * 4
-        # Patch sizes other than 16 (e.g. 14, 8) give another grid; resample it onto the stride-16 grid.
-        feats = [
-            f
-            if f.shape[-2:] == (h, w)
-            else F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
-            for f in feats
-        ]
+        if self.patch != VIT_STRIDE:
+            # Resample the stride-p grid onto the stride-16 grid with cell centres aligned (a fixed scale
+            # p/16, not the ratio of grid sizes, which the padding would skew), then drop the padding.
+            scale = self.patch / VIT_STRIDE
+            feats = [
+                F.interpolate(f, scale_factor=scale, mode="bilinear", recompute_scale_factor=False)[
+                    ..., :h, :w
+                ]
+                for f in feats
+            ]
         return self.neck(feats)
