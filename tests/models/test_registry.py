@@ -51,7 +51,8 @@ def test_paper_preset_parameter_count(paper_models: dict[str, SegmentationModel]
 
 
 @pytest.mark.parametrize("name", PAPER)
-@pytest.mark.parametrize("size", [256, 500, 512])
+# 500 is padded to 512 inside, so 512 (slow) adds little beyond 500.
+@pytest.mark.parametrize("size", [256, 500, pytest.param(512, marks=pytest.mark.slow)])
 def test_paper_preset_output_and_feature_shapes(
     paper_models: dict[str, SegmentationModel], name: str, size: int
 ) -> None:
@@ -67,12 +68,12 @@ def test_paper_preset_output_and_feature_shapes(
     ]
 
 
-def test_500_px_input_is_pad_predict_crop(paper_models: dict[str, SegmentationModel]) -> None:
+def test_unaligned_input_is_pad_predict_crop(paper_models: dict[str, SegmentationModel]) -> None:
     model = paper_models["dcpoolformer-paper"]
-    x = torch.randn(1, 3, 500, 500)
+    x = torch.randn(1, 3, 100, 84)
     with torch.no_grad():
         a = model(x)
-        b = model(pad_to_multiple(x, 32, model.pad_mode))[:, :, :500, :500]
+        b = model(pad_to_multiple(x, 32, model.pad_mode))[:, :, :100, :84]
     torch.testing.assert_close(a, b)
 
 
@@ -213,18 +214,18 @@ def test_ct_checkpoint_loads_into_model_without_ct_and_back(tmp_path) -> None:
 
 
 def test_pretrained_encoder_file_strict_and_partial(tmp_path) -> None:
-    src = create("dcswin-paper", 6)
+    src = create("unetformer-paper", 6)  # the swin-paper encoder with the cheaper decoder
     state = src.backbone.state_dict()
     path = tmp_path / "encoder.pt"
     torch.save(state, path)
-    model = create("dcswin-paper", 6, pretrained=path)
+    model = create("unetformer-paper", 6, pretrained=path)
     torch.testing.assert_close(model.backbone.state_dict(), state)
     first = next(iter(state))
     state[first] = torch.zeros(1)
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=first.replace(".", r"\.")):
-        create("dcswin-paper", 6, pretrained=path)
-    model = create("dcswin-paper", 6, pretrained=path, partial=True)
+        create("unetformer-paper", 6, pretrained=path)
+    model = create("unetformer-paper", 6, pretrained=path, partial=True)
     assert [k for k, *_ in model.backbone.load_report.mismatched] == [first]
 
 
