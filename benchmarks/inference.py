@@ -125,7 +125,8 @@ def worker(args: argparse.Namespace) -> dict:
     gy, gx = settings.grids(height, width)
     per_row = [min(args.batch_size, len(gx.starts) - b0) for b0 in range(0, len(gx.starts), args.batch_size)]
     batches = per_row * len(gy.starts)
-    x = torch.randn(args.batch_size, 3, args.window, args.window, device=device)
+    # Same value range as the scene after normalisation (pixels / 255), so activations are alike.
+    x = torch.rand(args.batch_size, 3, args.window, args.window, device=device)
 
     @torch.inference_mode()
     def raw() -> float:
