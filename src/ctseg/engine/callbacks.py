@@ -28,7 +28,7 @@ def run_dir(trainer: pl.Trainer) -> Path:
 class ExactSampling(Callback):
     """Exact resume and exact distributed evaluation (:mod:`ctseg.engine.sampling`).
 
-    * before every training step, seeds the global RNGs from ``(seed, global_step, rank)``;
+    * before every training batch, seeds the global RNGs from ``(seed, batch count, rank)``;
     * a training loader with a global-RNG ``RandomSampler`` is re-built on an epoch-seeded sampler;
     * validation / test loaders are sharded without padding when several processes run, so that the
       synced confusion matrix counts every sample exactly once.
@@ -67,7 +67,10 @@ class ExactSampling(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        sampling.seed_all(sampling.step_seed(self._seed(), trainer.global_step, trainer.global_rank))
+        # The running batch count (restored on resume), not global_step: with gradient accumulation
+        # several batches share one optimizer step and must still draw different CT samples.
+        batches = getattr(trainer.fit_loop.epoch_loop, "total_batch_idx", trainer.global_step)
+        sampling.seed_all(sampling.step_seed(self._seed(), int(batches), trainer.global_rank))
 
 
 def _map_loaders(loaders: Any, fn: Any) -> Any:
