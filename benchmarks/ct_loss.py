@@ -263,10 +263,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="crop size in pixels")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, help="also write the figures here (atomic write)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     global SIZE
     SIZE = args.size
     if args.memory_child:

@@ -8,7 +8,8 @@ positives first, stages outer, classes ascending). After ``torch.manual_seed(k)`
 loop implementation of §1.3.
 
 What differs from the authors' code is only the cost: GT patches come from one pooling, and the
-projection runs on the rows that some loss term actually reads (same values, same gradients).
+projection runs once on each distinct row that some loss term actually reads (same values, same
+gradients; on Dubai 512² crops ≈ 80% of the stage-0 rows, 65% at stage 2).
 Host synchronisation is inherent here (the permutation sizes are data-dependent).
 """
 
@@ -137,8 +138,11 @@ def reference_group(
         segments = [seg for p in plans for seg in p.segments]
         if not segments:
             continue
-        rows = torch.cat(segments).to(device, non_blocking=True)
-        z = torch.split(project_rows(heads[s], feat, rows), [len(seg) for seg in segments])
+        # Terms share rows (CL's two prefixes of P, negatives of one class that are another's
+        # positives): project each distinct row once, then spread the results to the segments.
+        rows, inverse = torch.unique(torch.cat(segments), return_inverse=True)
+        z_rows = project_rows(heads[s], feat, rows.to(device))
+        z = torch.split(z_rows[inverse.to(device)], [len(seg) for seg in segments])
         at = 0
         for p in plans:
             if not p.segments:
