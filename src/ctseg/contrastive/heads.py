@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -31,8 +30,10 @@ class ProjectionHead(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.to(self.fc1.weight.dtype)
-        z = self.fc2(self.act(self.fc1(rows)))
-        return F.normalize(z.float(), dim=-1)
+        z = self.fc2(self.act(self.fc1(rows))).float()
+        # F.normalize(z, eps=1e-12) as a multiplication by rsqrt: same values (≤ 1 ulp), and a
+        # cheaper backward than the division on the (N, d) rows.
+        return z * torch.rsqrt((z * z).sum(-1, keepdim=True).clamp_min(1e-24))
 
 
 def build_heads(
