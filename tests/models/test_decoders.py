@@ -265,6 +265,8 @@ def test_segmentation_model_return_aux() -> None:
     logits, feats, aux = model(torch.randn(1, 3, 40, 40), return_features=True, return_aux=True)
     assert logits.shape == aux.shape == (1, 3, 40, 40)
     assert len(feats) == 4
+    with pytest.raises(ValueError, match="auxiliary head"):
+        tiny_model("dcfam")(torch.randn(1, 3, 32, 32), return_aux=True)
 
 
 def test_for_inference_is_an_eval_copy_with_same_weights() -> None:

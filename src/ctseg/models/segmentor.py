@@ -82,6 +82,11 @@ class SegmentationModel(nn.Module):
         With ``return_features``: ``(logits, features)``. With ``return_aux`` (decoders built with an
         auxiliary head): ``(logits, aux_logits)`` or ``(logits, features, aux_logits)``.
         """
+        if return_aux and getattr(self.decoder, "aux_head", None) is None:
+            raise ValueError(
+                f"return_aux=True needs a decoder with an auxiliary head; {type(self.decoder).__name__} "
+                "has none (UNetFormer: decoder_kwargs={'aux_head': True})"
+            )
         h, w = x.shape[-2], x.shape[-1]
         padded = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
         features = list(self.backbone(padded))
