@@ -107,6 +107,7 @@ def _prepare_official(grid: GridSpec, root: Path) -> str:
     hint = (
         f"ctseg prepare {grid.prepare.dataset} "
         + " ".join(f'--src "{s}"' for s in grid.prepare.src)
+        + (f" --protocol {grid.protocol}" if grid.protocol else "")
         + f" --out {root}"
     )
     missing = [s for s in grid.prepare.src if not Path(s).exists()]
