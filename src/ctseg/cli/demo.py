@@ -5,7 +5,7 @@ then :mod:`ctseg.engine.compare` trains the baseline and the CT variant for the 
 wall-time budget, tests both on the test split, prints the comparison table and writes
 ``<out>/report.md`` with training curves and prediction overlays. Within 10 minutes on 2 CPU cores.
 
-    ctseg demo                                  # runs/demo, ~3 min of training per model
+    ctseg demo                                  # runs/demo, <= 2.5 min of training per model
     ctseg demo --minutes 1 --ct infonce         # shorter, InfoNCE instead of CL
     ctseg demo --no-train                       # data and preview only
 """
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="unetformer-paper", help="model preset (`ctseg models`)")
     train.add_argument("--model-kwargs", default="{}", help="JSON dict of extra preset options")
     train.add_argument("--ct", default="cl", choices=["cl", "infonce"], help="CT loss of the CT run")
-    train.add_argument("--minutes", type=float, default=3.0, help="training time budget per model")
+    train.add_argument("--minutes", type=float, default=2.5, help="training time budget per model")
     train.add_argument("--max-epochs", type=int, default=40, help="epoch cap per model")
     train.add_argument("--crop-size", type=int, default=128, help="training crop side")
     train.add_argument("--batch-size", type=int, default=8, help="training batch size")
@@ -173,9 +173,13 @@ def main(argv: Sequence[str]) -> int:
     return train_and_compare(args, settings, root, preview)
 
 
+# The paper's hard clamp (clip_mode "clamp") zeroes CT's gradient whenever the raw CT loss exceeds 1.0;
+# for this model at 128² crops it does from the first step (measured: raw CL ≈ 1.13-1.20, clipped on 100%
+# of the steps), so the CT run would train exactly like the baseline. The demo keeps the bound but scales
+# instead ("scale": value ≤ 1, gradient kept); the paper configs keep the clamp.
 CT_SETTINGS = {
-    "cl": {"loss": "cl", "mode": "paper", "smoothing": 0.1, "clip": 1.0},
-    "infonce": {"loss": "infonce", "mode": "paper", "temperature": 0.1, "clip": 1.0},
+    "cl": {"loss": "cl", "mode": "paper", "smoothing": 0.1, "clip": 1.0, "clip_mode": "scale"},
+    "infonce": {"loss": "infonce", "mode": "paper", "temperature": 0.1, "clip": 1.0, "clip_mode": "scale"},
 }
 
 

@@ -44,7 +44,7 @@ class TrainSettings:
     batch_size: int = 8
     val_batch_size: int = 4
     max_epochs: int = 30
-    minutes: float | None = 3.0
+    minutes: float | None = 2.5
     lr: float = 5e-4
     warmup_steps: int = 10
     seed: int = 0
