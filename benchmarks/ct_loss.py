@@ -180,20 +180,23 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def step_memory_child(config: str, device: torch.device, batch: int) -> float:
+def step_memory_child(
+    config: str, device: torch.device, batch: int, warmup: int = 1, steps: int = 2
+) -> float:
     """Peak memory of training steps of one configuration (on CPU: run in a fresh process).
 
-    One warm-up step first; then the peak mark is reset (CUDA: ``reset_peak_memory_stats``, CPU: the
-    kernel's peak RSS), so imports and set-up do not hide the difference, and 2 steps are measured.
+    ``warmup`` steps first; then the peak mark is reset (CUDA: ``reset_peak_memory_stats``, CPU: the
+    kernel's peak RSS), so imports and set-up do not hide the difference, and ``steps`` are measured.
     """
     step = step_setup(config, device, batch)
-    step()
+    for _ in range(warmup):
+        step()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         _peak_rss_reset()
-    for _ in range(2):
+    for _ in range(steps):
         step()
     sync(device)
     if device.type == "cuda":
@@ -201,7 +204,9 @@ def step_memory_child(config: str, device: torch.device, batch: int) -> float:
     return _peak_rss_gib()
 
 
-def bench_step(repeats: int, device: torch.device, batch: int = 8) -> dict[str, dict[str, float]]:
+def bench_step(
+    repeats: int, device: torch.device, batch: int = 8, warmup: int = 1, memory_steps: int = 2
+) -> dict[str, dict[str, float]]:
     configs = ["baseline", *VARIANTS]
     model = build_model(device)
     opts, cts = {}, {}
@@ -215,8 +220,9 @@ def bench_step(repeats: int, device: torch.device, batch: int = 8) -> dict[str, 
         opts[c] = torch.optim.AdamW(params, lr=0.0)  # lr 0: the weights, hence the work, stay identical
         steps[c] = make_step(model, cts[c], opts[c], images, masks)
     times: dict[str, list[float]] = {c: [] for c in configs}
-    for c in configs:
-        steps[c]()
+    for _ in range(warmup):
+        for c in configs:
+            steps[c]()
     for _ in range(repeats):
         for c in configs:
             times[c].append(timed(steps[c], device))
@@ -226,7 +232,7 @@ def bench_step(repeats: int, device: torch.device, batch: int = 8) -> dict[str, 
             del steps
             steps = {}
             torch.cuda.empty_cache()
-            out[c]["peak_gib"] = step_memory_child(c, device, batch)
+            out[c]["peak_gib"] = step_memory_child(c, device, batch, warmup, memory_steps)
         else:
             res = subprocess.run(
                 [
@@ -262,6 +268,8 @@ def main() -> None:
     )
     ap.add_argument("--size", type=int, default=512, help="crop size in pixels")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (step part)")
+    ap.add_argument("--memory-steps", type=int, default=2, help="steps measured for peak memory")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, help="also write the figures here (atomic write)")
@@ -273,7 +281,7 @@ def main() -> None:
     global SIZE
     SIZE = args.size
     if args.memory_child:
-        print(step_memory_child(args.memory_child, device, args.batch[0]))
+        print(step_memory_child(args.memory_child, device, args.batch[0], args.warmup, args.memory_steps))
         return
     results: dict[str, object] = {"device": str(device), "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -287,7 +295,7 @@ def main() -> None:
                 extra = f"  peak +{r['peak_extra_gib']:.3f} GiB" if "peak_extra_gib" in r else ""
                 print(f"  {v:18s} {r['time_s'] * 1000:9.1f} ms{extra}")
     if args.part in ("step", "all"):
-        res = bench_step(args.repeats, device, args.step_batch)
+        res = bench_step(args.repeats, device, args.step_batch, args.warmup, args.memory_steps)
         results[f"step_B{args.step_batch}"] = res
         print(f"\nDCPoolFormer training step, B={args.step_batch}, {SIZE}², {device}:")
         for c, r in res.items():
