@@ -356,7 +356,7 @@ def fit_command(cell: Cell, options: RunOptions, resume: Path | None) -> list[st
     return cmd
 
 
-def test_command(cell: Cell, options: RunOptions, ckpt: Path) -> list[str]:
+def evaluation_command(cell: Cell, options: RunOptions, ckpt: Path) -> list[str]:
     out = cell.run_dir / TEST_DIR
     cmd = [options.python, "-m", "ctseg", "test", "--config", str(cell.run_dir / CELL_CONFIG)]
     cmd += options.trainer_args()
@@ -456,7 +456,7 @@ def _run_locked(
             ckpt, epoch = best_checkpoint(run_dir)
             echo(f"{prefix} test split with {ckpt.name} (best validation epoch {epoch})")
             log = run_dir / "logs" / f"test-{attempts}.log"
-            rc = _stream(test_command(cell, options, ckpt), log, prefix, echo, options.verbose)
+            rc = _stream(evaluation_command(cell, options, ckpt), log, prefix, echo, options.verbose)
             if rc != 0 or not (run_dir / TEST_DIR / "test_metrics.json").is_file():
                 return finish("failed", f"ctseg test exited {rc}; see {log}: {_tail(log)}")
             record["test"] = {
