@@ -18,5 +18,12 @@ TAKES_COMMAND_NAME = True
 def main(command: str, argv: list[str]) -> int:
     from ctseg.engine.cli import run_cli
 
-    run_cli(command, argv)
+    try:
+        run_cli(command, argv)
+    except SystemExit as exc:
+        # Lightning answers Ctrl-C with sys.exit(1) after its callbacks ran (our InterruptCheckpoint
+        # saved and printed how to resume); hand it to the CLI as an interrupt (exit status 130).
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        raise
     return 0

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ctseg.data.datamodule import SegmentationDataModule
+from ctseg.engine.guards import NONFINITE_POLICIES, with_atomic_checkpoint_io
 from ctseg.engine.module import SegmentationModule
 from ctseg.engine.runner import run_callbacks, run_loggers
 from ctseg.errors import ConfigError
@@ -104,6 +105,19 @@ class CtsegCLI(LightningCLI):
         parser.add_argument(
             "--save_top_k", type=int, default=1, help="how many best checkpoints (by val/mIoU) to keep"
         )
+        parser.add_argument(
+            "--nonfinite",
+            type=str,
+            default="skip",
+            choices=sorted(NONFINITE_POLICIES),
+            help="on a NaN/Inf loss or gradient: skip the step (counted) or stop with the last good weights",
+        )
+        parser.add_argument(
+            "--nonfinite_max_skips",
+            type=int,
+            default=10,
+            help="'skip' stops the run after this many non-finite steps in a row",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._get(self.config_init, "trainer", default={})
@@ -119,7 +133,14 @@ class CtsegCLI(LightningCLI):
                 tensorboard=bool(sub.get("tensorboard", True)),
             )
         progress = cfg.get("enable_progress_bar", True) is not False
-        extra = run_callbacks(root, save_top_k=int(sub.get("save_top_k", 1)), progress=progress)
+        extra = run_callbacks(
+            root,
+            save_top_k=int(sub.get("save_top_k", 1)),
+            progress=progress,
+            nonfinite=str(sub.get("nonfinite", "skip")),
+            nonfinite_max_skips=int(sub.get("nonfinite_max_skips", 10)),
+        )
+        cfg["plugins"] = with_atomic_checkpoint_io(cfg.get("plugins"))
         if cfg.get("logger") is not False and self.subcommand == "fit":
             extra.append(LearningRateMonitor(logging_interval="epoch"))
         extra += [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]

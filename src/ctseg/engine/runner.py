@@ -17,10 +17,19 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from ctseg.engine.callbacks import EpochLogLine, ExactSampling, RunReport
+from ctseg.engine.guards import guard_callbacks, with_atomic_checkpoint_io
 
 
-def run_callbacks(root: str | Path, *, save_top_k: int = 1, progress: bool = True) -> list[Callback]:
-    """Checkpoints (best by ``val/mIoU`` and last), exact sampling, the epoch line, the report, a rich bar."""
+def run_callbacks(
+    root: str | Path,
+    *,
+    save_top_k: int = 1,
+    progress: bool = True,
+    nonfinite: str = "skip",
+    nonfinite_max_skips: int = 10,
+) -> list[Callback]:
+    """Checkpoints (best by ``val/mIoU`` and last), exact sampling, the epoch line, the report, the
+    non-finite and Ctrl-C guards (:mod:`ctseg.engine.guards`), a rich bar."""
     root = Path(root)
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -35,6 +44,7 @@ def run_callbacks(root: str | Path, *, save_top_k: int = 1, progress: bool = Tru
         ExactSampling(),
         EpochLogLine(),
         RunReport(),
+        *guard_callbacks(nonfinite, nonfinite_max_skips),
     ]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
@@ -85,5 +95,6 @@ def make_trainer(
         logger=run_loggers(root, fresh_fit=True, tensorboard=tensorboard),
         callbacks=[*run_callbacks(root, save_top_k=save_top_k, progress=progress), *extra_callbacks],
         enable_progress_bar=progress,
+        plugins=with_atomic_checkpoint_io(trainer_kwargs.pop("plugins", None)),
         **trainer_kwargs,
     )
