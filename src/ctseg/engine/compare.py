@@ -250,6 +250,14 @@ def write_comparison_report(
             "" if best is None else f"; best val mIoU {_f(best['val']['mIoU'])} at epoch {best['epoch'] + 1}"
         )
         md.append(f"- **{r.label}**: {ct}; run folder `{r.run_dir}` (its own `report.md`){best_txt}")
+        cts = [h["ct"] for h in r.history if h.get("ct")]
+        if cts:
+            clipped = sum(c.get("clipped", 0.0) for c in cts) / len(cts)
+            raw = sum(c.get("loss_raw", 0.0) for c in cts) / len(cts)
+            md.append(
+                f"  - CT over its epochs: active on {sum(c.get('active', 0.0) for c in cts) / len(cts):.0%} of the "
+                f"steps, mean raw loss {raw:.3f}, clip reached on {clipped:.0%} of the steps"
+            )
     if total_seconds is not None:
         md.append(f"- **total time** (data, training, evaluation, report): {total_seconds:.0f} s")
     md += [
