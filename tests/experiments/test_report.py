@@ -119,7 +119,7 @@ def test_report_numbers_match_hand_computed_values(two_rows: Path, tmp_path: Pat
     assert "| unet | CL | 2 | 0.5900 ± 0.0141 |" in md
     assert "+0.0700" in md and "+3.13" in md and "1.5" in md
     assert "`unet/cl/seed2`: not finished" in md  # a grid cell without a run is listed, not averaged
-    assert "x86_64 (2 CPUs" in md and "wall time" in md
+    assert "x86_64 (2 CPUs" in md and "cell time" in md
     for name in ("curves.png", "per_class.png", "confusion.png", "report.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 

@@ -554,9 +554,12 @@ def write_report(
     walls = [float(r.record["wall_seconds"]) for r in runs if r.record.get("wall_seconds") is not None]
     if walls:
         md.append(
-            f"- **wall time**: {sum(walls) / 3600:.2f} h over {len(walls)} cell(s) "
+            f"- **cell time**: {sum(walls) / 3600:.2f} h summed over {len(walls)} cell(s) "
             f"(per cell {min(walls) / 60:.1f}–{max(walls) / 60:.1f} min, incl. start-up and evaluation)"
         )
+    span = _span(runs)
+    if span is not None:
+        md.append(f"- **elapsed**: {span / 60:.1f} min from the first cell's start to the last cell's end")
     commits = sorted({str(r.record.get("commit")) for r in runs if r.record.get("commit")})
     if commits:
         md.append(f"- **commit**: {', '.join(commits)}")
@@ -614,6 +617,20 @@ def write_report(
         },
     )
     return GridReport(rows, classes, paths, notes)
+
+
+def _span(runs: Sequence[RunResult]) -> float | None:
+    """Seconds from the earliest recorded cell start to the latest cell end (cells may run in parallel)."""
+    from datetime import datetime
+
+    try:
+        starts = [datetime.fromisoformat(r.record["started"]) for r in runs if r.record.get("started")]
+        ends = [datetime.fromisoformat(r.record["finished"]) for r in runs if r.record.get("finished")]
+    except (TypeError, ValueError):
+        return None
+    if not starts or not ends:
+        return None
+    return (max(ends) - min(starts)).total_seconds()
 
 
 def _row_json(row: Row, classes: Sequence[str]) -> dict[str, Any]:
