@@ -365,10 +365,8 @@ def plot_per_class(rows: Sequence[Row], classes: Sequence[str], labels: dict[str
     models = list(dict.fromkeys(r.model for r in rows))
     settings = list(dict.fromkeys(r.setting for r in rows))
     colors = _colors(settings)
-    fig, axes = plt.subplots(
-        len(models), 1, figsize=(max(6.0, 1.1 * len(classes) * max(1, len(settings)) * 0.5 + 2), 3.2 * len(models)),
-        dpi=100, squeeze=False,
-    )  # fmt: skip
+    width_in = min(14.0, max(6.0, 0.3 * len(classes) * max(1, len(settings)) + 2.0))
+    fig, axes = plt.subplots(len(models), 1, figsize=(width_in, 3.8 * len(models)), dpi=100, squeeze=False)
     width = 0.8 / max(1, len(settings))
     for ax, m in zip(axes[:, 0], models):
         mrows = [r for r in rows if r.model == m]
