@@ -19,8 +19,9 @@ side:
   colour PNG written by rows, atomic rename.
 
 Reported: throughput in Mpx/s (scene pixels / wall time), ``overhead = full / raw - 1`` (stitching and
-I/O), peak RSS of the prediction (``VmHWM`` after resetting it, Linux) and its growth over the RSS
-before prediction, and on CUDA the peak allocated GPU memory. Peak RSS must not grow with the scene.
+I/O), the peak RSS (``VmHWM``, reset before each part; Linux) of the raw forward and of the full
+prediction — the difference is what stitching and I/O hold — and on CUDA the peak allocated GPU
+memory of the full run. Peak RSS must not grow with the scene beyond the O(K · window · W) strip.
 ``--model conv-tiny`` (three 3x3 convs, not a paper preset) is a quick smoke run of this script.
 """
 
@@ -142,9 +143,11 @@ def worker(args: argparse.Namespace) -> dict:
             net(x)
     if device.startswith("cuda"):
         raw()  # a whole pass of warm-up: cuDNN picks its algorithms, the allocator fills its cache
-    raw_before = raw()
     rss_before = _status_kb("VmRSS")
     reset = _reset_peak_rss()
+    raw_before = raw()
+    peak_raw = _status_kb("VmHWM")  # the model's own activations at this batch size
+    _reset_peak_rss()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     out = Path(args.scene).parent / f"out-{height}"
@@ -171,6 +174,7 @@ def worker(args: argparse.Namespace) -> dict:
         "rss_before_mb": round(rss_before / 1024, 1),
         "peak_rss_mb": round(peak / 1024, 1),
         "peak_rss_growth_mb": round((peak - rss_before) / 1024, 1) if reset else None,
+        "peak_rss_raw_mb": round(peak_raw / 1024, 1) if reset else None,
         "gpu_peak_mb": None if gpu_peak is None else round(gpu_peak, 1),
         "outputs_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1),
     }
@@ -249,7 +253,7 @@ def main() -> int:
     for r in results:
         print(
             f"| {r['size']} | {r['windows']} | {r['raw_mpx_s']} | {r['full_mpx_s']} | {100 * r['overhead']:.1f}% "
-            f"| {r['peak_rss_mb']} | {r['peak_rss_growth_mb']} | {r['gpu_peak_mb'] or '—'} |"
+            f"| {r.get('peak_rss_raw_mb')} | {r['peak_rss_mb']} | {r['gpu_peak_mb'] or '—'} |"
         )
     if args.json:
         from ctseg.utils.io import atomic_write_json
