@@ -12,10 +12,17 @@ from ctseg.engine.cli import BASE_KEY, expand_argv, expand_config, parse_config
 from ctseg.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# LightningCLI configs of `ctseg fit`; configs/experiments/ holds `ctseg experiment` grids (their own schema).
+FIT_FOLDERS = ("potsdam-paper", "dubai", "synthetic")
 
 
 def _all_files() -> list[Path]:
-    return sorted(CONFIGS.rglob("*.yaml"))
+    return sorted(p for folder in FIT_FOLDERS for p in (CONFIGS / folder).rglob("*.yaml"))
+
+
+def test_no_unknown_config_folders():
+    known = {*FIT_FOLDERS, "experiments"}
+    assert {p.name for p in CONFIGS.iterdir() if p.is_dir()} <= known
 
 
 def _bases() -> set[Path]:
