@@ -16,6 +16,7 @@ What this adds to a plain LightningCLI:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -173,14 +174,25 @@ class _ParseOnlyCLI(CtsegCLI):
         pass
 
 
-def parse_config(command: str, argv: list[str]) -> Any:
-    """The resolved config (a jsonargparse ``Namespace`` of the sub-command) of ``ctseg <command> argv``."""
+@functools.cache
+def _parse_only_parser() -> LightningArgumentParser:
+    # Building LightningCLI's parsers costs seconds; build them once and re-use them for validation.
     cli = _ParseOnlyCLI(
         SegmentationModule,
         SegmentationDataModule,
-        args=[command, *expand_argv(list(argv))],
+        args=["fit", "--data.root", "."],
         seed_everything_default=0,
         auto_configure_optimizers=False,
         parser_kwargs={"prog": "ctseg"},
     )
-    return cli.config[command]
+    return cli.parser
+
+
+def parse_config(command: str, argv: list[str]) -> Any:
+    """The resolved config (a jsonargparse ``Namespace`` of the sub-command) of ``ctseg <command> argv``.
+
+    Validates types and keys like ``ctseg <command>`` does, without building model, data or trainer.
+    """
+    if command not in SUBCOMMANDS:
+        raise ConfigError(f"unknown command {command!r}; expected one of {', '.join(SUBCOMMANDS)}")
+    return _parse_only_parser().parse_args([command, *expand_argv(list(argv))])[command]
