@@ -143,7 +143,7 @@ def comparison_table(results: Sequence[RunResult], protocol: Protocol) -> str:
 
 
 def plot_curves(results: Sequence[RunResult], path: str | Path) -> Path:
-    """Train loss and val mIoU per epoch of every run, one PNG."""
+    """Train segmentation loss and val mIoU per epoch of every run, one PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -152,11 +152,13 @@ def plot_curves(results: Sequence[RunResult], path: str | Path) -> Path:
     ax_loss, ax_miou = fig.subplots(1, 2)
     for r in results:
         epochs = [h["epoch"] + 1 for h in r.history]
-        ax_loss.plot(epochs, [h["train_loss"] for h in r.history], "o-", label=r.label, markersize=3)
+        # The segmentation part only: comparable across runs (the CT run's total also holds CT).
+        seg = [h.get("train_seg_loss", h["train_loss"]) for h in r.history]
+        ax_loss.plot(epochs, seg, "o-", label=r.label, markersize=3)
         pts = [(h["epoch"] + 1, (h.get("val") or {}).get("mIoU")) for h in r.history]
         pts = [(e, v) for e, v in pts if v is not None]
         ax_miou.plot([e for e, _ in pts], [v for _, v in pts], "o-", label=r.label, markersize=3)
-    ax_loss.set(xlabel="epoch", ylabel="train loss (seg + CT)", title="training loss")
+    ax_loss.set(xlabel="epoch", ylabel="train segmentation loss", title="training loss (SoftCE + Dice)")
     ax_miou.set(xlabel="epoch", ylabel="val mIoU", title="validation mIoU")
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
