@@ -11,7 +11,8 @@ Each (preset, mode) runs in its own fresh process so that memory peaks do not mi
   (no CT heads: this measures the network; the CT loss has its own benchmark).
 
 Time: one warm-up, then ``--repeats`` timed runs; the median is reported (the machine is shared, so
-medians of a few repeats, not single runs). Memory: peak resident set size of the process
+medians of a few repeats, not single runs). Both wall time and process CPU time (all threads summed;
+what the run costs when the cores are not shared) are recorded. Memory: peak resident set size of the process
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, Linux KiB) after the runs minus the RSS measured after
 the model was built and one tiny forward: the extra memory the activations (and, for ``train``,
 gradients and AdamW state) need on top of the weights. It is a process-level figure, so it includes
@@ -68,11 +69,12 @@ def _child(preset: str, mode: str, batch: int, size: int, repeats: int, num_clas
             optimizer.step()
 
     run()  # warm-up (also creates the AdamW state)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "preset": preset,
@@ -82,6 +84,7 @@ def _child(preset: str, mode: str, batch: int, size: int, repeats: int, num_clas
         "params_m": round(params / 1e6, 2),
         "median_s": round(statistics.median(times), 3),
         "times_s": [round(t, 3) for t in times],
+        "median_cpu_s": round(statistics.median(cpu), 3),
         "peak_rss_delta_mib": round(max(peak_kib - base_kib, 0) / 1024, 1),
         "threads": torch.get_num_threads(),
     }
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         fwd, trn = by_mode.get("forward", {}), by_mode.get("train", {})
         params = (fwd or trn)["params_m"]
         print(
-            f"| {preset} | {params} | {fwd.get('median_s', '-')} | {trn.get('median_s', '-')} | "
+            f"| {preset} | {params} | {fwd.get('median_s', '-')} / {fwd.get('median_cpu_s', '-')} "
+            f"| {trn.get('median_s', '-')} / {trn.get('median_cpu_s', '-')} | "
             f"{fwd.get('peak_rss_delta_mib', '-')} | {trn.get('peak_rss_delta_mib', '-')} |"
         )
     if args.json:
