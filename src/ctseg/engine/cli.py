@@ -16,7 +16,9 @@ What this adds to a plain LightningCLI:
 
 from __future__ import annotations
 
+import argparse
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ctseg.data.datamodule import SegmentationDataModule
+from ctseg.engine.checkpoint import CTSEG_KEY, read_checkpoint
 from ctseg.engine.guards import NONFINITE_POLICIES, with_atomic_checkpoint_io
 from ctseg.engine.module import SegmentationModule
 from ctseg.engine.runner import run_callbacks, run_loggers
-from ctseg.errors import ConfigError
+from ctseg.errors import CheckpointError, ConfigError, OutputError
 
 BASE_KEY = "__base__"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_ROOT = "runs/default"
+#: ``--ckpt_path`` values Lightning resolves itself (not file names)
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -120,10 +125,28 @@ class CtsegCLI(LightningCLI):
             help="'skip' stops the run after this many non-finite steps in a row",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model section by the checkpoint's hyper-parameters: a checkpoint of
+        # another model would silently win over the config, and an unreadable one raises a raw traceback.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES:
+            ckpt = read_checkpoint(ckpt_path)  # CheckpointError naming the file: missing, corrupt, truncated
+            block = ckpt.get(CTSEG_KEY)
+            have = block.get("model", {}).get("name") if isinstance(block, dict) else None
+            want = self.config[sub].get("model.model")
+            if have and want and have != want:
+                raise CheckpointError(
+                    f"{ckpt_path}: checkpoint holds model {have!r} but the config asks for {want!r}"
+                )
+        super()._parse_ckpt_path()
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._get(self.config_init, "trainer", default={})
         root = Path(cfg.get("default_root_dir") or DEFAULT_ROOT)
         cfg["default_root_dir"] = str(root)
+        check_trainer_flags(cfg)
+        ensure_run_dir(root)
         sub = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if cfg.get("logger") in (None, True):
             fresh_fit = self.subcommand == "fit" and not sub.get("ckpt_path")
@@ -152,16 +175,86 @@ def run_cli(command: str, argv: list[str], *, run: bool = True) -> CtsegCLI:
     """Run ``ctseg <command> argv`` (``command`` in fit / validate / test / predict)."""
     if command not in SUBCOMMANDS:
         raise ConfigError(f"unknown command {command!r}; expected one of {', '.join(SUBCOMMANDS)}")
-    return CtsegCLI(
-        SegmentationModule,
-        SegmentationDataModule,
-        args=[command, *expand_argv(list(argv))],
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        parser_kwargs={"prog": "ctseg"},
-        run=run,
-    )
+    return _cli(CtsegCLI, command, argv, save_config_kwargs={"overwrite": True}, run=run)
+
+
+def _cli(cls: type[CtsegCLI], command: str, argv: list[str], **kwargs: Any) -> CtsegCLI:
+    """Build ``cls`` with argparse errors raised (not printed + exit) and turned into one-line ConfigErrors."""
+    try:
+        return cls(
+            SegmentationModule,
+            SegmentationDataModule,
+            args=[command, *expand_argv(list(argv))],
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "ctseg", "exit_on_error": False},
+            **kwargs,
+        )
+    except argparse.ArgumentError as exc:
+        raise ConfigError(config_error_message(str(exc), argv)) from exc
+
+
+_KEY_PATTERNS = (
+    re.compile(r"does not accept (?:nested )?(?:option|key)s? '([\w.]+)'"),
+    re.compile(r'[Kk]ey "([\w.]+)"'),
+    re.compile(r"argument --([\w.]+)"),
+)
+
+
+def config_error_message(message: str, argv: list[str]) -> str:
+    """One line: where the offending key was given (config file(s) or the command line) and the problem."""
+    text = " ".join(message.split())
+    key = next((m.group(1) for pat in _KEY_PATTERNS if (m := pat.search(text))), None)
+    where = [str(f) for f in _config_files(argv) if key is not None and _has_key(_load_yaml(f), key)]
+    if key is not None and any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
+        where.append("command line")
+    return f"invalid configuration ({', '.join(where) or 'config'}): {text}"
+
+
+def _config_files(argv: list[str]) -> list[Path]:
+    """The ``--config`` files of ``argv`` with their ``__base__`` chains (files only)."""
+    out: list[Path] = []
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else None
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        if value is None or not Path(value).is_file():
+            continue
+        stack = [Path(value).resolve()]
+        while stack:
+            path = stack.pop()
+            if path in out or not path.is_file():
+                continue
+            out.append(path)
+            bases = _load_yaml(path).get(BASE_KEY) or []
+            stack += [path.parent / b for b in ([bases] if isinstance(bases, str) else bases)]
+    return out
+
+
+def _has_key(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_trainer_flags(cfg: dict[str, Any]) -> None:
+    """Refuse trainer flags that contradict each other (before anything runs)."""
+    if cfg.get("deterministic") not in (None, False) and cfg.get("benchmark") is True:
+        raise ConfigError(
+            "trainer.deterministic and trainer.benchmark: true contradict each other (cuDNN benchmarking "
+            "picks kernels by timing, so results change from run to run); drop one of them"
+        )
+
+
+def ensure_run_dir(root: Path) -> None:
+    """Create the run folder now, so an unwritable location fails with one line before any work."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{root}: cannot create the run folder ({exc.strerror or exc})") from exc
 
 
 class _ParseOnlyCLI(CtsegCLI):
