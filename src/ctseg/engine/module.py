@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ctseg.contrastive.loss import NonFiniteFeaturesError
 from ctseg.data.protocols import Protocol, get_protocol
 from ctseg.engine.checkpoint import CTSEG_KEY, make_ctseg_block, read_ctseg_block
 from ctseg.engine.losses import create_seg_loss
@@ -203,7 +204,13 @@ class SegmentationModule(pl.LightningModule):
             probs = None
             if self.ct_config.get("sampling") == "confidence":
                 probs = logits.detach().float().softmax(dim=1)
-            ct_loss, stats = self.model.ct_loss(feats, y, probs=probs)
+            try:
+                ct_loss, stats = self.model.ct_loss(feats, y, probs=probs)
+            except NonFiniteFeaturesError:
+                if not self._has_nonfinite_guard():
+                    raise
+                # Diverged features: a NaN loss lets the run's non-finite policy skip or stop the step.
+                ct_loss, stats = seg.new_tensor(float("nan")), {}
             loss = loss + ct_loss
             self._accumulate_ct(stats)
         n = x.shape[0]
@@ -212,6 +219,12 @@ class SegmentationModule(pl.LightningModule):
         if self._trainer is not None:  # also usable in plain loops (benchmarks)
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         return loss
+
+    def _has_nonfinite_guard(self) -> bool:
+        from ctseg.engine.guards import NonFiniteGuard
+
+        trainer = self._trainer
+        return trainer is not None and any(isinstance(cb, NonFiniteGuard) for cb in trainer.callbacks)
 
     def _evaluate(self, batch: dict[str, Any], metrics: SegmentationMetrics) -> Tensor:
         assert self.model is not None and self.seg_loss is not None
