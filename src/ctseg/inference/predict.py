@@ -133,11 +133,11 @@ def predict_file(
             elif probs:
                 items["probs"] = NpyStreamWriter(out.path(names["probs"]), w, h, num_classes)
             lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in items}
-            try:
-                with writers(*items.values()):
-                    # Write-behind, one thread per file: compress and write a block while the next one is
-                    # computed (zlib and GDAL release the GIL). At most one block waits per file.
-                    pending: list[Future[None]] = []
+            pending: list[Future[None]] = []
+            with writers(*items.values()):
+                try:
+                    # Write-behind, one thread per file: compress and write a block while the next one
+                    # is computed (zlib and GDAL release the GIL). At most one block waits per file.
                     for _, block in iter_blended_rows(
                         model, reader, settings, normalization=normalization, device=device, progress=progress
                     ):
@@ -154,8 +154,9 @@ def predict_file(
                         pending = [lanes[k].submit(items[k].write, data[k]) for k in items]
                     for f in pending:
                         f.result()
-            finally:
-                for lane in lanes.values():
-                    lane.shutdown(wait=True)
+                finally:
+                    # No writer may be closed (by `writers`, also after an error) while a lane writes to it.
+                    for lane in lanes.values():
+                        lane.shutdown(wait=True)
             result.outputs = {k: out_dir / v for k, v in names.items()}
     return result
