@@ -184,7 +184,8 @@ def _cli(cls: type[CtsegCLI], command: str, argv: list[str], **kwargs: Any) -> C
         return cls(
             SegmentationModule,
             SegmentationDataModule,
-            args=[command, *expand_argv(list(argv))],
+            # without run, LightningCLI has no sub-commands: the arguments are the command's own
+            args=[command, *expand_argv(list(argv))] if kwargs.get("run", True) else expand_argv(list(argv)),
             seed_everything_default=0,
             auto_configure_optimizers=False,
             parser_kwargs={"prog": "ctseg", "exit_on_error": False},

@@ -7,6 +7,7 @@ truncated one. Every checkpoint, manifest, report and prediction goes through th
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ctseg.errors import OutputError
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
 
 
 @contextlib.contextmanager
@@ -35,6 +38,13 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in _STORAGE_ERRNOS:  # full disk, quota, read-only, I/O error: the user's to fix
+            raise OutputError(
+                f"{path}: cannot write ({exc.strerror or exc}); the previous file is kept"
+            ) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
