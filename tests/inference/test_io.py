@@ -272,3 +272,26 @@ def test_png_pieces_compressed_in_parallel_form_one_valid_stream(
         for y in range(0, 61, 20):
             wr.write(data[y : y + 20])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), data)
+
+
+def test_a_failing_writer_leaves_no_partial_output(
+    tmp_path: Path, smooth_image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    original = PNGStreamWriter.write
+
+    def flaky_write(self: PNGStreamWriter, rows: np.ndarray) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        original(self, rows)
+
+    monkeypatch.setattr(PNGStreamWriter, "write", flaky_write)
+    src = tmp_path / "t.png"
+    Image.fromarray(smooth_image).save(src)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"t_(labels|color)\.png: cannot write \(No space left on device\)"):
+        predict_file(
+            pointwise_net(), src, out, SlidingWindow(window=32, overlap=8), num_classes=5, probs=True
+        )
+    assert list(out.iterdir()) == []

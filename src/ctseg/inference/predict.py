@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctseg.errors import OutputError
 from ctseg.inference.io import (
     GeoTIFFWriter,
     NpyStreamWriter,
@@ -67,6 +68,13 @@ def output_names(stem: str, georeferenced: bool, probs: bool) -> dict[str, str]:
     if probs:
         names["probs"] = f"{stem}_probs.tif" if georeferenced else f"{stem}_probs.npy"
     return names
+
+
+def _write(writer: RowWriter, rows: np.ndarray, target: Path) -> None:
+    try:
+        writer.write(rows)
+    except OSError as exc:  # disk full, quota, I/O error: the user's output location, not a bug
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
 
 def predict_file(
@@ -151,7 +159,9 @@ def predict_file(
                             )  # (h, W, K)
                         for f in pending:
                             f.result()
-                        pending = [lanes[k].submit(items[k].write, data[k]) for k in items]
+                        pending = [
+                            lanes[k].submit(_write, items[k], data[k], out_dir / names[k]) for k in items
+                        ]
                     for f in pending:
                         f.result()
                 finally:
