@@ -16,11 +16,14 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctseg.errors import ConfigError
 from ctseg.models.decoders import create_decoder
 from ctseg.models.segmentor import SegmentationModel
+
+if TYPE_CHECKING:
+    from ctseg.models.backbones import Backbone
 
 Pretrained = bool | str | Path
 ModelFactory = Callable[..., SegmentationModel]
@@ -192,7 +195,7 @@ def create(
 # Building blocks of the presets
 
 
-def build_backbone(name: str, pretrained: Pretrained, partial: bool, **kwargs: Any):
+def build_backbone(name: str, pretrained: Pretrained, partial: bool, **kwargs: Any) -> Backbone:
     """``create_backbone`` plus ``partial`` loading of a local encoder file (the backbones load strictly)."""
     from ctseg.models.backbones import create_backbone
     from ctseg.models.weights import load_state_dict_report
