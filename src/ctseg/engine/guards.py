@@ -40,10 +40,13 @@ class NonFiniteLossError(CtsegError):
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
-    """The newest epoch-end ``last*.ckpt`` of the run's :class:`ModelCheckpoint`, if one exists."""
+    """The epoch-end ``last.ckpt`` of the run (what ``--ckpt_path last`` resumes), if one exists."""
     for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.last_model_path and Path(cb.last_model_path).is_file():
-            return Path(cb.last_model_path)
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        for path in (cb.last_model_path, cb.dirpath and Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}.ckpt"):
+            if path and Path(path).is_file():
+                return Path(path)
     return None
 
 

@@ -39,7 +39,16 @@ def run_callbacks(
             monitor="val/mIoU",
             mode="max",
             save_top_k=save_top_k,
-            save_last=True,
+        ),
+        # last.ckpt after every epoch. Lightning >= 2.5 writes a `save_last=True` file only when a top-k
+        # checkpoint was saved in the same step, i.e. at the last *improved* epoch: a killed run would
+        # resume from there and lose the epochs after it.
+        ModelCheckpoint(
+            dirpath=str(root / "checkpoints"),
+            filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
         ),
         ExactSampling(),
         EpochLogLine(),
