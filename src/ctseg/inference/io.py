@@ -427,7 +427,8 @@ class PNGStreamWriter(RowWriter):
         self.level = level
         self._rows = 0
         self._adler = 1
-        self._threads = threads or min(8, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._threads = threads or min(8, cpus)
         self._pool: ThreadPoolExecutor | None = None
         self._fh = open(self.path, "wb")  # noqa: SIM115 -- closed in close()
         colour_type = 3 if palette is not None else (0 if channels == 1 else 2)
