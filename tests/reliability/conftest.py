@@ -6,6 +6,7 @@ checkpoint. Everything runs on CPU with one torch thread (see tests/engine/conft
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,14 @@ def files_under(folder: Path) -> set[str]:
 def temp_leftovers(folder: Path) -> list[str]:
     """Temporary files of the atomic writers (``.<name>.<random>.tmp``) left below ``folder``."""
     return sorted(str(p) for p in folder.rglob(".*.tmp")) if folder.exists() else []
+
+
+@pytest.fixture(autouse=True)
+def _quiet_log_handler_errors(monkeypatch: pytest.MonkeyPatch):
+    """Lightning's log handler keeps the stderr of the test that first imported it, a closed capture in
+    later tests; logging then prints "--- Logging error --- Traceback" into the captured stderr that the
+    tests search for tracebacks. Outside pytest the stream is the real stderr, so silence only that."""
+    monkeypatch.setattr(logging, "raiseExceptions", False)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ file, no output for the failed input).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -28,11 +27,6 @@ TOP = "Semantic segmentation dataset"
 
 def fails(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
     """Run ``ctseg argv``; assert exit 2 and one error line holding every needle; return that line."""
-    # Lightning's log handlers keep the stderr of the test that imported it; point them at this one.
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:
-                handler.stream = sys.stderr  # setStream would flush the closed old one
     rc = main(argv)
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith(f"ctseg {argv[0]}: error:")]
