@@ -173,7 +173,7 @@ def test_fit_rejects_missing_or_empty_data_folder(tmp_path: Path, capsys) -> Non
     ("override", "needle"),
     [
         (["--model.no_such_option", "1"], "no_such_option"),
-        (["--data.batch_size", "many"], "batch_size"),
+        (["--data.batch_size", "many"], "command line)"),
         (["--trainer.max_epochs", "1.5"], "max_epochs"),
         (["--model.scheduler", "sometimes"], "sometimes"),
         (["--nonfinite", "ignore"], "nonfinite"),
@@ -189,7 +189,7 @@ def test_unknown_key_in_a_config_file(synth: Path, tmp_path: Path, capsys) -> No
     cfg = tmp_path / "extra.yaml"
     cfg.write_text("model:\n  learning_rate: 0.1\n")
     run = tmp_path / "run"
-    fails(capsys, ["fit", *fit_args(synth, run), "--config", str(cfg)], "learning_rate")
+    fails(capsys, ["fit", *fit_args(synth, run), "--config", str(cfg)], str(cfg), "learning_rate")
     assert not run.exists()
 
 
