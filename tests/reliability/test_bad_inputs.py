@@ -83,6 +83,8 @@ def test_prepare_good_source_works(dubai, capsys) -> None:
         ("zero-size image", "cannot be decoded"),
         ("size mismatch", "image_part_002"),
         ("unknown colour", "image_part_002.png"),
+        ("greyscale image", "expected 3 (RGB)"),
+        ("RGBA image", "expected 3 (RGB)"),
     ],
 )
 def test_prepare_rejects_a_bad_source_file(dubai, capsys, case: str, needle: str) -> None:
@@ -97,6 +99,10 @@ def test_prepare_rejects_a_bad_source_file(dubai, capsys, case: str, needle: str
         image.write_bytes(b"")
     elif case == "size mismatch":
         Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(image)
+    elif case == "greyscale image":
+        Image.open(image).convert("L").save(image)
+    elif case == "RGBA image":  # a PNG under the .jpg name: decoders go by content, not by name
+        Image.open(image).convert("RGBA").save(image, format="PNG")
     elif case == "unknown colour":
         rgb = np.asarray(Image.open(mask).convert("RGB")).copy()
         rgb[3, 3] = (1, 2, 3)

@@ -78,7 +78,13 @@ class Preparer(ABC):
 
     def read_image(self, item: SourceItem, protocol: Protocol) -> np.ndarray:
         """(H, W, 3) uint8 image of the item in the protocol's imagery."""
-        return read_array(item.image, mode="RGB")
+        arr = read_array(item.image)
+        # A greyscale, palette or 4-band file in an RGB dataset is a broken or foreign source: converting
+        # it would train on invented colours, so it is an error like a wrong channel count at load time.
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            bands = 1 if arr.ndim == 2 else arr.shape[2]
+            raise DataError(item.image.display, f"image has {bands} channel(s); expected 3 (RGB)")
+        return arr
 
     @abstractmethod
     def read_mask(
