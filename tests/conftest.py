@@ -31,3 +31,19 @@ def shared_data() -> Path:
 @pytest.fixture
 def dubai_root() -> Path:
     return shared_data_path("dubai", "Semantic segmentation dataset")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Torch on one thread in every test.
+
+    On a 2-core machine, two busy-waiting OpenMP threads per process slow small CPU steps down by
+    10-100× as soon as another process (a DataLoader worker, a DDP peer, a subprocess under test)
+    competes for the cores; the tests' sizes are chosen for one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
