@@ -1,8 +1,9 @@
 """ONNX export (dynamo exporter) and parity with onnxruntime.
 
 One paper preset (dcpoolformer-paper, the fastest to export) runs in the default suite, dynamic at
-256 px and checked at 256 and 320 px; the two Swin presets are marked slow (each export takes well
-over 30 s on 2 cores).
+256 px and checked at 256 and at another batch and size; the two Swin presets are marked slow (their
+export takes minutes on 2 cores). The swin-paper encoder currently makes the exporter specialise the
+input size, so those presets fall back to a static graph, with a note saying why.
 """
 
 from __future__ import annotations
@@ -26,24 +27,39 @@ def _export_and_check(name: str, path: Path) -> ExportResult:
     result = export_onnx(model, path, input_size=(256, 256))
     assert path.is_file() and result.path == path
     assert result.num_classes == 6 and result.opset > 0
-    assert result.dynamic, result.notes  # every paper preset exports with free batch/height/width
     g = torch.Generator().manual_seed(3)
     assert check_onnx_parity(model, path, torch.randn(1, 3, 256, 256, generator=g)) <= TOL
-    # Dynamic: the same file runs at another batch and size, incl. one that needs padding.
-    assert check_onnx_parity(model, path, torch.randn(2, 3, 320, 288, generator=g)) <= TOL
+    if result.dynamic:
+        # The same file runs at another batch and size, incl. one that needs padding.
+        assert result.accepts(2, 320, 288)
+        assert check_onnx_parity(model, path, torch.randn(2, 3, 320, 288, generator=g)) <= TOL
+    else:
+        assert result.notes and not result.accepts(2, 320, 288)
     assert model.training  # exporting did not flip the caller's model to eval
     return result
 
 
 def test_export_dcpoolformer_paper(tmp_path: Path) -> None:
-    _export_and_check("dcpoolformer-paper", tmp_path / "dcpoolformer.onnx")
+    result = _export_and_check("dcpoolformer-paper", tmp_path / "dcpoolformer.onnx")
+    assert result.dynamic, result.notes
     assert [p.name for p in tmp_path.iterdir()] == ["dcpoolformer.onnx"]  # no temp files left
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dcswin-paper", "unetformer-paper"])
 def test_export_swin_paper_presets(tmp_path: Path, name: str) -> None:
+    # Dynamic where the swin-paper encoder allows it; today it exports static (see the module docstring).
     _export_and_check(name, tmp_path / f"{name}.onnx")
+
+
+@pytest.mark.slow
+def test_unetformer_decoder_exports_dynamic(tmp_path: Path) -> None:
+    # The decoder itself has no size-dependent branches (reflection by index gather).
+    model = tiny_model("unetformer")
+    result = export_onnx(model, tmp_path / "u.onnx", input_size=(256, 256))
+    assert result.dynamic, result.notes
+    for shape in [(1, 3, 256, 256), (2, 3, 320, 288), (1, 3, 100, 60)]:
+        assert check_onnx_parity(model, result.path, torch.randn(*shape)) <= TOL
 
 
 @pytest.mark.slow
