@@ -196,15 +196,10 @@ def create(
 
 
 def build_backbone(name: str, pretrained: Pretrained, partial: bool, **kwargs: Any) -> Backbone:
-    """``create_backbone`` plus ``partial`` loading of a local encoder file (the backbones load strictly)."""
+    """The encoder ``name``; the backbones load their own weights (incl. ``partial`` and S12 key mapping)."""
     from ctseg.models.backbones import create_backbone
-    from ctseg.models.weights import load_state_dict_report
 
-    if partial and pretrained and not isinstance(pretrained, bool):
-        backbone = create_backbone(name, pretrained=False, **kwargs)
-        backbone.load_report = load_state_dict_report(backbone, pretrained, strict=False, partial=True)
-        return backbone
-    return create_backbone(name, pretrained=pretrained, **kwargs)
+    return create_backbone(name, pretrained=pretrained, partial=partial, **kwargs)
 
 
 def build_model(
