@@ -19,7 +19,9 @@ def shared_data_path(*parts: str) -> Path:
     """Path under ../shared/data, skipping the calling test when it does not exist."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (expected ../shared/data beside the checkout)")
+        pytest.skip(
+            f"real data not available: {path} is absent (expected ../shared/data beside the checkout)"
+        )
     return path
 
 
