@@ -32,6 +32,7 @@ from ctseg.engine.guards import NONFINITE_POLICIES, with_atomic_checkpoint_io
 from ctseg.engine.module import SegmentationModule
 from ctseg.engine.runner import run_callbacks, run_loggers
 from ctseg.errors import CheckpointError, ConfigError, OutputError
+from ctseg.utils.io import read_yaml_mapping
 
 BASE_KEY = "__base__"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -41,17 +42,7 @@ LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, "config file")
 
 
 def expand_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[str]:

@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ctseg.errors import ConfigError
+from ctseg.utils.io import read_yaml_mapping
 
 BASE_KEY = "__base__"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -83,17 +82,7 @@ def _copy(value: Any) -> Any:
 
 def load_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file that must hold a mapping (empty file = ``{}``)."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a mapping, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, "file")
 
 
 def load_config_chain(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -9,13 +9,10 @@ read; the protocol holds the colours actually present.
 from __future__ import annotations
 
 import re
-from typing import Any
-
-import numpy as np
 
 from ctseg.data.prepare import register_preparer
-from ctseg.data.prepare.common import SourceIndex, decode_colors, read_array
-from ctseg.data.prepare.runner import Preparer, SourceItem
+from ctseg.data.prepare.common import SourceIndex
+from ctseg.data.prepare.runner import ColorLabelPreparer, SourceItem
 from ctseg.data.protocols import Protocol
 
 _TILE = re.compile(r"^tile (\d+)$")
@@ -23,7 +20,7 @@ _PART = re.compile(r"^image_part_(\d+)\.jpg$", re.IGNORECASE)
 
 
 @register_preparer("dubai")
-class DubaiPreparer(Preparer):
+class DubaiPreparer(ColorLabelPreparer):
     dataset = "dubai"
     default_protocol = "dubai"
     label_decoding = (
@@ -51,17 +48,3 @@ class DubaiPreparer(Preparer):
 
     def expected_files(self, entry: str, protocol: Protocol) -> str:
         return f"'{entry}/images/image_part_*.jpg' and '{entry}/masks/image_part_*.png'"
-
-    def read_mask(
-        self, item: SourceItem, product: str, protocol: Protocol, unknown: str
-    ) -> tuple[np.ndarray, dict[Any, int]]:
-        label = item.labels[product]
-        rgb = read_array(label, mode="RGB")
-        return decode_colors(
-            rgb,
-            protocol.colors,
-            protocol.ignore_colors,
-            protocol.ignore_index,
-            unknown=unknown,
-            path=label.display,
-        )

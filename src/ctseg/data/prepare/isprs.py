@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ctseg.data.prepare import register_preparer
-from ctseg.data.prepare.common import SourceFile, SourceIndex, decode_colors, decode_indices, read_array
-from ctseg.data.prepare.runner import Preparer, SourceItem
+from ctseg.data.prepare.common import SourceFile, SourceIndex, decode_indices, read_array
+from ctseg.data.prepare.runner import ColorLabelPreparer, SourceItem
 from ctseg.data.protocols import Protocol
 from ctseg.errors import ConfigError, DataError
 
@@ -49,22 +49,8 @@ def decode_mmseg_isprs(ann: np.ndarray, ignore_index: int = 255, path: Any = Non
     return mask
 
 
-class _IsprsPreparer(Preparer):
+class _IsprsPreparer(ColorLabelPreparer):
     label_decoding = _COLOR_NOTE
-
-    def read_mask(
-        self, item: SourceItem, product: str, protocol: Protocol, unknown: str
-    ) -> tuple[np.ndarray, dict[Any, int]]:
-        label = item.labels[product]
-        rgb = read_array(label, mode="RGB")
-        return decode_colors(
-            rgb,
-            protocol.colors,
-            protocol.ignore_colors,
-            protocol.ignore_index,
-            unknown=unknown,
-            path=label.display,
-        )
 
 
 _POTSDAM_IMAGE = re.compile(r"^top_potsdam_(\d+_\d+)_(RGB|IRRG|RGBIR)\.tif$", re.IGNORECASE)

@@ -25,6 +25,7 @@ from ctseg.data.prepare.common import (
     SourceFile,
     SourceIndex,
     crop_padded,
+    decode_colors,
     encode_png,
     flip,
     read_array,
@@ -91,6 +92,24 @@ class Preparer(ABC):
         self, item: SourceItem, product: str, protocol: Protocol, unknown: str
     ) -> tuple[np.ndarray, dict[Any, int]]:
         """(H, W) uint8 prepared mask of ``product`` and the counts of unknown label values."""
+
+
+class ColorLabelPreparer(Preparer):
+    """A preparer whose label products are RGB colour images decoded with the protocol's colours."""
+
+    def read_mask(
+        self, item: SourceItem, product: str, protocol: Protocol, unknown: str
+    ) -> tuple[np.ndarray, dict[Any, int]]:
+        label = item.labels[product]
+        rgb = read_array(label, mode="RGB")
+        return decode_colors(
+            rgb,
+            protocol.colors,
+            protocol.ignore_colors,
+            protocol.ignore_index,
+            unknown=unknown,
+            path=label.display,
+        )
 
 
 @dataclass
