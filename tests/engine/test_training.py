@@ -159,8 +159,8 @@ def test_bf16_mixed_with_ct_and_a_cosine_schedule(synth, tmp_path):
     assert all(p.dtype == torch.float32 for p in module.model.parameters())
 
 
-@pytest.mark.slow
 def test_sigkill_after_an_epoch_then_resume_matches_uninterrupted(tmp_path):
+    # In the default suite (about 35 s on 2 idle cores): the reliability issue wants a real kill -9 in CI.
     """`ctseg fit` killed with SIGKILL after its first epoch, resumed with `--ckpt_path last`."""
     import os
     import signal
