@@ -58,14 +58,12 @@ def build(case):
     return feats, mask, ignore
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases())
-def test_fuzz_never_nan_never_crash(case):
-    feats, mask, ignore = build(case)
+def loss_for_case(case, ignore):
+    """The loss configured as a drawn case asks (also used by the reliability fuzzing)."""
     sampling_kw = (
         {"num_positives": case["budget"], "num_negatives": case["budget"]} if case["mode"] == "paper" else {}
     )
-    fn = PatchContrastiveLoss(
+    return PatchContrastiveLoss(
         CHANNELS,
         num_classes=case["K"],
         ignore_index=ignore,
@@ -76,6 +74,13 @@ def test_fuzz_never_nan_never_crash(case):
         proj_dim=8,
         **sampling_kw,
     )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_fuzz_never_nan_never_crash(case):
+    feats, mask, ignore = build(case)
+    fn = loss_for_case(case, ignore)
     torch.manual_seed(case["seed"])
     loss, stats = fn(feats, mask)
     assert torch.isfinite(loss)

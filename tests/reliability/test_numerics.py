@@ -18,10 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctseg.cli import main
-from ctseg.contrastive import PatchContrastiveLoss
 from ctseg.engine.guards import NONFINITE_NAME, NonFiniteGuard, NonFiniteLossError
 from ctseg.errors import ConfigError
-from tests.contrastive.test_fuzz import CHANNELS, build, cases
+from tests.contrastive.test_fuzz import build, cases, loss_for_case
 from tests.reliability.conftest import fit_args
 
 
@@ -148,20 +147,7 @@ def test_ct_is_finite_for_extreme_feature_values(case, scale: float, constant: b
         if bf16:
             raw = [r.bfloat16() for r in raw]
     feats = [r.requires_grad_() for r in raw]
-    sampling_kw = (
-        {"num_positives": case["budget"], "num_negatives": case["budget"]} if case["mode"] == "paper" else {}
-    )
-    fn = PatchContrastiveLoss(
-        CHANNELS,
-        num_classes=case["K"],
-        ignore_index=ignore,
-        loss=case["loss"],
-        mode=case["mode"],
-        group_size=case["group"],
-        clip_mode=case["clip_mode"],
-        proj_dim=8,
-        **sampling_kw,
-    )
+    fn = loss_for_case(case, ignore)
     if bf16:
         fn = fn.bfloat16()
     torch.manual_seed(case["seed"])
