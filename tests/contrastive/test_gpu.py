@@ -38,6 +38,24 @@ def test_paper_mode_has_no_host_sync(loss):
 
 
 @pytest.mark.parametrize("loss", ["cl", "infonce"])
+def test_default_paper_mode_has_no_host_sync_until_stats_are_read(loss):
+    """Defaults (stats on, auto input check): no sync in forward + backward; the stats fetch once later."""
+    feats, mask, _, _ = _cuda_inputs(seed=4)
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6, loss=loss, clip=None).cuda()
+    fn(feats, mask)[0].backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, stats = fn(feats, mask)
+        out.backward()
+        acc = stats.tensor * 2  # accumulating on the device needs no sync either
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not stats.fetched and stats["active"] == 1.0 and stats.fetched
+    assert stats["loss"] == pytest.approx(out.item()) and acc.device.type == "cuda"
+
+
+@pytest.mark.parametrize("loss", ["cl", "infonce"])
 def test_reference_mode_parity_on_cuda(loss):
     """CUDA features, CPU RNG draws: equals the CPU loop oracle."""
     feats, mask, feats_cpu, mask_cpu = _cuda_inputs(seed=3)

@@ -47,3 +47,24 @@ def test_paper_preset_trains(model, ct):
         assert stats["active"] == 1.0 and "stage0/positives" in stats and 0.0 <= stats["clipped"] <= 1.0
         assert not any("/class" in k for k in stats)  # epoch logs keep the per-stage view only
         assert module.model.ct_loss.group_size == 1  # ct_group_size reached the loss
+
+
+def test_ct_stats_accumulate_on_the_device_equal_the_fetched_ones():
+    """Unfetched stats (the CUDA default: no input check) are summed on the device without a host
+    read per step; the epoch means equal those of stats fetched every step (the CPU default)."""
+    means = {}
+    for check in (True, False):
+        torch.manual_seed(0)
+        module = SegmentationModule(
+            model="dcpoolformer-paper", protocol="potsdam-paper", ct={**CT["cl"], "check_inputs": check}
+        )
+        module.on_train_epoch_start()
+        for step in range(2):
+            torch.manual_seed(step)
+            module.training_step(_batch(), step)
+        if not check:
+            assert module._ct_device_sum is not None and not module._ct_sums  # nothing read yet
+        means[check] = module._reduce_ct_stats()
+    assert means[True].keys() == means[False].keys() and means[True]["active"] == 1.0
+    for key, value in means[True].items():
+        assert means[False][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key

@@ -15,6 +15,7 @@ from ctseg.contrastive.loss import MODES, NonFiniteFeaturesError, PatchContrasti
 from ctseg.contrastive.losses import CL_MAX, CL_MIN, cl_pair_loss, info_nce
 from ctseg.contrastive.patches import StageGrid, infer_patch_size, patch_class_counts, stage_grids
 from ctseg.contrastive.sampling import SAMPLERS
+from ctseg.contrastive.stats import CTStats
 from ctseg.contrastive.terms import PAPER_TERMS
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "MODES",
     "PAPER_TERMS",
     "SAMPLERS",
+    "CTStats",
     "NonFiniteFeaturesError",
     "PatchContrastiveLoss",
     "ProjectionHead",

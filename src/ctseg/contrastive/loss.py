@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +14,7 @@ from ctseg.contrastive.paper import paper_group
 from ctseg.contrastive.patches import patch_class_counts, patch_class_means, stage_grids
 from ctseg.contrastive.reference import reference_group
 from ctseg.contrastive.sampling import SAMPLERS
+from ctseg.contrastive.stats import CTStats
 from ctseg.contrastive.terms import PAPER_TERMS
 from ctseg.errors import ConfigError, CtsegError, DataError
 
@@ -76,9 +76,14 @@ class PatchContrastiveLoss(nn.Module):
             negatives and contrasts against the all-gathered pool (with gradients); a no-op without
             an initialised process group.
         process_group: group for ``gather_negatives`` (default: WORLD).
-        compute_stats: build the stats dict (one host sync); False returns ``{}``.
-        check_inputs: raise on non-finite features or labels outside ``[0, K) ∪ {ignore_index}``
-            (folded into the stats sync; with ``compute_stats=False`` it costs one sync of its own).
+        compute_stats: return the stats as a :class:`~ctseg.contrastive.stats.CTStats` mapping, whose
+            values stay on the device until first read (one host sync then, none if a loop only
+            accumulates ``stats.tensor``); False returns ``{}``.
+        check_inputs: raise on non-finite features or labels outside ``[0, K) ∪ {ignore_index}``. The
+            check must read a value on the host, i.e. synchronise with the device every call. ``None``
+            (default): check on CPU, where that is free, and not on CUDA, where a synchronisation in
+            the middle of a training step costs more than the loss (a NaN then shows in the loss,
+            which the trainer's non-finite guard handles). ``True``: always (one sync per call).
 
     Forward:
         ``features``: list of ``(B, C_s, H_s, W_s)`` maps (any float dtype; computed in fp32).
@@ -86,7 +91,9 @@ class PatchContrastiveLoss(nn.Module):
         probabilities (for ``sampling="confidence"``; no gradient flows into them).
 
     Returns ``(loss, stats)``. ``loss`` is a scalar attached to the graph (0, never NaN, when no
-    (stage, class) has enough samples). ``stats`` holds plain floats:
+    (stage, class) has enough samples). ``stats`` is a read-only mapping of plain floats (a
+    :class:`~ctseg.contrastive.stats.CTStats`: fetched from the device on first read, ``stats.tensor``
+    for sync-free accumulation; ``dict(stats)`` for a dict):
 
     * ``"loss_raw"``: mean over groups of the loss before clip and weight; ``"loss"``: returned value;
     * ``"clipped"``: 1.0 if the raw loss exceeded ``clip`` (mean over groups);
@@ -128,7 +135,7 @@ class PatchContrastiveLoss(nn.Module):
         gather_negatives: bool = False,
         process_group: object | None = None,
         compute_stats: bool = True,
-        check_inputs: bool = True,
+        check_inputs: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value, options in (
@@ -240,7 +247,7 @@ class PatchContrastiveLoss(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self, features: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, CTStats | dict[str, float]]:
         self._check_shapes(features, mask, probs)
         used = [features[s] for s in self.cfg.stages]
         strides = None if self.strides is None else [self.strides[s] for s in self.cfg.stages]
@@ -249,7 +256,7 @@ class PatchContrastiveLoss(nn.Module):
         )
         with torch.autocast(device_type=mask.device.type, enabled=False):
             counts = patch_class_counts(mask, self.cfg.num_classes, grids)
-            flags = self._input_flags(features, mask, counts[0]) if self.check_inputs else None
+            flags = self._input_flags(features, mask, counts[0]) if self._checks_inputs(mask) else None
             if flags is not None and self.cfg.mode == "reference":  # it syncs anyway; fail before any work
                 self._raise_on_flags(flags.tolist(), features, mask)
                 flags = None
@@ -293,8 +300,8 @@ class PatchContrastiveLoss(nn.Module):
         flags: torch.Tensor | None,
         features: Sequence[torch.Tensor],
         mask: torch.Tensor,
-    ) -> dict[str, Any]:
-        """All stats from one stacked tensor and a single ``tolist()`` (the only host sync)."""
+    ) -> CTStats:
+        """All stats packed in one device tensor; fetched by one ``tolist()`` when first read."""
         clip = float("inf") if self.clip is None or self.clip_mode == "none" else self.clip
         pos = torch.stack([r.positives for r in results]).sum(0)  # (S, K)
         neg = torch.stack([r.negatives for r in results]).sum(0)
@@ -326,12 +333,20 @@ class PatchContrastiveLoss(nn.Module):
         parts.append(terms.flatten())
         if flags is not None:
             parts.append(flags)
-        values = torch.cat([p.float().reshape(-1).to(loss.device) for p in parts]).tolist()
-        if flags is not None:
-            self._raise_on_flags(values[-2:], features, mask)
-        return self._name_stats(values)
+        packed = torch.cat([p.float().reshape(-1).to(loss.device) for p in parts])
+        names = self._stat_names()
+        if flags is None:
+            return CTStats(packed, names)  # read from the device when first looked at
+        values = packed.tolist()  # the check syncs anyway: one fetch for the check and the stats
+        self._raise_on_flags(values[-2:], features, mask)
+        return CTStats(packed[: len(names)], names, fetched=values[: len(names)])
 
-    def _name_stats(self, values: list[float]) -> dict[str, float]:
+    def _checks_inputs(self, mask: torch.Tensor) -> bool:
+        if self.check_inputs is None:  # auto: only where reading a value costs no device sync
+            return mask.device.type == "cpu"
+        return bool(self.check_inputs)
+
+    def _stat_names(self) -> tuple[str, ...]:
         names = ["loss_raw", "loss", "clipped", "active", "skipped_fraction"]
         stages, K = self.cfg.stages, self.cfg.num_classes
         for key in ("positives", "negatives", "pairs"):
@@ -340,7 +355,7 @@ class PatchContrastiveLoss(nn.Module):
             names += [f"stage{s}/class{c}/{key}" for s in stages for c in range(K)]
         term_names = PAPER_TERMS[self.cfg.loss].term_names
         names += [f"stage{s}/class{c}/{t}" for s in stages for c in range(K) for t in term_names]
-        return dict(zip(names, values[: len(names)], strict=True))
+        return tuple(names)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ctseg.contrastive.loss import NonFiniteFeaturesError
+from ctseg.contrastive.stats import CTStats
 from ctseg.data.protocols import Protocol, get_protocol
 from ctseg.engine.checkpoint import CTSEG_KEY, make_ctseg_block, read_ctseg_block
 from ctseg.engine.losses import create_seg_loss
@@ -108,6 +110,8 @@ class SegmentationModule(pl.LightningModule):
         self.history: list[dict[str, Any]] = []
         self._ct_sums: dict[str, float] = {}
         self._ct_steps = 0
+        self._ct_device_sum: Tensor | None = None
+        self._ct_device_names: tuple[str, ...] = ()
         self._epoch_t0 = time.perf_counter()
         self._val_epoch: int | None = None
         if protocol is not None:
@@ -271,6 +275,7 @@ class SegmentationModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_t0 = time.perf_counter()
         self._ct_sums, self._ct_steps = {}, 0
+        self._ct_device_sum, self._ct_device_names = None, ()
 
     def on_train_epoch_end(self) -> None:
         train_loss = _compute_mean(self.train_loss)
@@ -306,8 +311,18 @@ class SegmentationModule(pl.LightningModule):
             return None
 
     # ------------------------------------------------------------------ CT statistics
-    def _accumulate_ct(self, stats: dict[str, Any]) -> None:
+    def _accumulate_ct(self, stats: Mapping[str, Any]) -> None:
         self._ct_steps += 1
+        if isinstance(stats, CTStats) and not stats.fetched:
+            # Summed on the device: reading the values now would make the host wait for the GPU in
+            # the middle of every step (before the backward is queued). Fetched once per epoch.
+            if stats.names != self._ct_device_names:
+                self._flush_ct_device_sum()
+                self._ct_device_names = stats.names
+            t = stats.tensor
+            finite = torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+            self._ct_device_sum = finite if self._ct_device_sum is None else self._ct_device_sum + finite
+            return
         for key, value in stats.items():
             if "/class" in key:  # per-class detail: too fine for epoch logs
                 continue
@@ -318,8 +333,18 @@ class SegmentationModule(pl.LightningModule):
             if math.isfinite(v):
                 self._ct_sums[key] = self._ct_sums.get(key, 0.0) + v
 
+    def _flush_ct_device_sum(self) -> None:
+        """Add the device-side sums (one host sync) to ``_ct_sums``, epoch-level keys only."""
+        if self._ct_device_sum is None:
+            return
+        for key, value in zip(self._ct_device_names, self._ct_device_sum.tolist(), strict=True):
+            if "/class" not in key:  # per-class detail: too fine for epoch logs
+                self._ct_sums[key] = self._ct_sums.get(key, 0.0) + value
+        self._ct_device_sum = None
+
     def _reduce_ct_stats(self) -> dict[str, float]:
         """Epoch means of the per-step CT statistics, averaged over all steps of all processes."""
+        self._flush_ct_device_sum()
         keys = sorted(self._ct_sums)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
