@@ -70,3 +70,6 @@ def test_same_seed_twice_on_gpu_with_deterministic(synth: Path, tmp_path: Path) 
     assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # CT statistics were summed on the GPU (no per-step host read) and still reach the epoch record.
+    ct = numbers(tmp_path / "a")["history"][0]["ct"]
+    assert ct is not None and 0.0 <= ct["active"] <= 1.0 and "stage0/positives" in ct
