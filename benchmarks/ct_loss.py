@@ -16,13 +16,15 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
   each CT variant. Times are medians of ``--repeats`` steps, configurations interleaved round-robin
   in one process (so machine noise hits all alike). Peak memory: on CUDA ``max_memory_allocated``;
-  on CPU the peak RSS (VmHWM, reset after a warm-up step) of a fresh subprocess per configuration
-  running 2 steps.
+  on CPU the peak of live tensor bytes from the CPU allocator's events (``cpu_memory.py``), in a fresh
+  subprocess per configuration (``--warmup`` then ``--memory-steps`` steps), with that process's peak
+  RSS (VmHWM, reset after the warm-up) as a secondary, noisy column.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cpu_memory import LiveTensorBytes
 from ctseg.contrastive import PatchContrastiveLoss
 from ctseg.utils.io import atomic_write_json
 
@@ -183,25 +186,49 @@ def _peak_rss_gib() -> float:
 def step_memory_child(
     config: str, device: torch.device, batch: int, warmup: int = 1, steps: int = 2
 ) -> float:
-    """Peak memory of training steps of one configuration (on CPU: run in a fresh process).
+    """CUDA peak memory (GiB, ``max_memory_allocated``) of training steps of one configuration.
 
-    ``warmup`` steps first; then the peak mark is reset (CUDA: ``reset_peak_memory_stats``, CPU: the
-    kernel's peak RSS), so imports and set-up do not hide the difference, and ``steps`` are measured.
+    ``warmup`` steps first; then the peak mark is reset, so set-up does not hide the difference, and
+    ``steps`` are measured.
     """
     step = step_setup(config, device, batch)
     for _ in range(warmup):
         step()
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _peak_rss_reset()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         step()
     sync(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return _peak_rss_gib()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def step_memory_cpu(config: str, batch: int, warmup: int = 1, steps: int = 2) -> dict[str, float]:
+    """CPU memory of training steps of one configuration (run in a fresh process: ``--memory-child``).
+
+    ``peak_gib``: peak of live tensor bytes during the ``steps`` measured steps, from the CPU
+    allocator's events (exact; ``cpu_memory.py``). The model, heads, optimiser and inputs are built
+    inside the profiled span, so every block is accounted for; ``persistent_gib`` is what is live when
+    the measured steps start (weights, grads, AdamW state, inputs) and ``unfreed_gib`` what is still
+    counted after everything is dropped (≈ 0: no event missed). ``rss_gib``: the process's peak RSS over
+    the same steps (VmHWM reset after the warm-up): glibc-dependent and noisy, kept for reference only.
+    """
+    with LiveTensorBytes() as live:
+        step = step_setup(config, torch.device("cpu"), batch)
+        for _ in range(warmup):
+            step()
+        _peak_rss_reset()
+        with live.window():
+            for _ in range(steps):
+                step()
+        rss = _peak_rss_gib()
+        del step  # the closure holds model, heads, optimiser and inputs
+        gc.collect()
+    return {
+        "peak_gib": live.peak_bytes / 2**30,
+        "persistent_gib": live.start_bytes / 2**30,
+        "unfreed_gib": live.end_bytes / 2**30,
+        "rss_gib": rss,
+    }
 
 
 def bench_step(
@@ -233,29 +260,18 @@ def bench_step(
             steps = {}
             torch.cuda.empty_cache()
             out[c]["peak_gib"] = step_memory_child(c, device, batch, warmup, memory_steps)
-        else:
-            res = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--memory-child",
-                    c,
-                    "--device",
-                    "cpu",
-                    "--batch",
-                    str(batch),
-                    "--size",
-                    str(SIZE),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            out[c]["peak_gib"] = float(res.stdout.strip().splitlines()[-1])
+        else:  # a fresh process per configuration: its peak RSS is then its own
+            cmd = [sys.executable, __file__, "--memory-child", c, "--batch", str(batch), "--size", str(SIZE)]
+            cmd += ["--warmup", str(warmup), "--memory-steps", str(memory_steps)]
+            cmd += ["--threads", str(torch.get_num_threads())]
+            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            out[c].update(json.loads(res.stdout.strip().splitlines()[-1]))
     base = out["baseline"]
     for c in configs:
         out[c]["time_vs_baseline"] = out[c]["time_s"] / base["time_s"] - 1.0
         out[c]["memory_vs_baseline"] = out[c]["peak_gib"] / base["peak_gib"] - 1.0
+        if "rss_gib" in out[c]:
+            out[c]["rss_vs_baseline"] = out[c]["rss_gib"] / base["rss_gib"] - 1.0
     return out
 
 
@@ -281,7 +297,7 @@ def main() -> None:
     global SIZE
     SIZE = args.size
     if args.memory_child:
-        print(step_memory_child(args.memory_child, device, args.batch[0], args.warmup, args.memory_steps))
+        print(json.dumps(step_memory_cpu(args.memory_child, args.batch[0], args.warmup, args.memory_steps)))
         return
     results: dict[str, object] = {"device": str(device), "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -301,7 +317,12 @@ def main() -> None:
         for c, r in res.items():
             print(
                 f"  {c:18s} {r['time_s']:7.3f} s ({r['time_vs_baseline']:+6.1%})   "
-                f"peak {r['peak_gib']:6.2f} GiB ({r['memory_vs_baseline']:+6.1%})"
+                f"peak {r['peak_gib']:6.3f} GiB ({r['memory_vs_baseline']:+6.1%})"
+                + (
+                    f"   peak RSS (noisy) {r['rss_gib']:6.2f} GiB ({r['rss_vs_baseline']:+6.1%})"
+                    if "rss_gib" in r
+                    else ""
+                )
             )
     if args.json:
         atomic_write_json(args.json, results)
