@@ -61,6 +61,10 @@ VARIANTS = {
     "reference-cl": {"mode": "reference", "loss": "cl"},
     "reference-infonce": {"mode": "reference", "loss": "infonce"},
 }
+# Step part on CUDA only: paper CL with the input check on, which reads values on the host between the
+# loss and backward() (one device sync per step, as ctseg did before the stats were read lazily, and as
+# any loop that logs the stats there does). On CPU it equals "paper-cl" (the check is on there anyway).
+SYNC_VARIANTS = {"paper-cl+sync": {"mode": "paper", "loss": "cl", "check_inputs": True}}
 
 
 def dubai_masks(n: int, size: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -98,7 +102,8 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def make_ct(variant: str, device: torch.device, **kw) -> PatchContrastiveLoss:
-    return PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **VARIANTS[variant], **kw).to(device)
+    options = {**VARIANTS, **SYNC_VARIANTS}[variant]
+    return PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **options, **kw).to(device)
 
 
 # --------------------------------------------------------------------------- loss alone
@@ -234,7 +239,7 @@ def step_memory_cpu(config: str, batch: int, warmup: int = 1, steps: int = 2) ->
 def bench_step(
     repeats: int, device: torch.device, batch: int = 8, warmup: int = 1, memory_steps: int = 2
 ) -> dict[str, dict[str, float]]:
-    configs = ["baseline", *VARIANTS]
+    configs = ["baseline", *VARIANTS, *(SYNC_VARIANTS if device.type == "cuda" else ())]
     model = build_model(device)
     opts, cts = {}, {}
     g = torch.Generator().manual_seed(1)
