@@ -13,16 +13,33 @@ side:
 
 * ``raw``: the model forward alone over exactly the batches the sliding window runs (same number of
   windows, same batch sizes), on inputs already on the device — no reading, padding, blending,
-  argmax, transfer or writing. Timed twice (before and after the full run); the mean is used.
+  argmax, transfer or writing.
 * ``full``: :func:`ctseg.inference.predict_file` on the GeoTIFF: windowed reads, reflect padding,
   normalisation, forward, blending into the strip buffer, argmax, label GeoTIFF (deflate, tiled) and
   colour PNG written by rows, atomic rename.
+
+Both are run ``--repeat`` times (default 3), alternating with the ``compute`` runs below so that load
+changes of the machine hit all alike; medians are reported (every run in the JSON; the first full run
+is the cold one, and gives the peak memory).
 
 Reported: throughput in Mpx/s (scene pixels / wall time), ``overhead = full / raw - 1`` (stitching and
 I/O), the peak RSS (``VmHWM``, reset before each part; Linux) of the raw forward and of the full
 prediction — the difference is what stitching and I/O hold — and on CUDA the peak allocated GPU
 memory of the full run. Peak RSS must not grow with the scene beyond the O(K · window · W) strip.
 ``--model conv-tiny`` (three 3x3 convs, not a paper preset) is a quick smoke run of this script.
+
+Also measured, to show where the time goes (second table): ``compute`` = the same model through the
+sliding window, blending and argmax with the scene already in memory and nothing written (what the
+device does), ``read`` = reading and padding all strips alone, ``write`` = writing the label GeoTIFF and
+colour PNG alone. A pipeline that overlaps its host work with the device takes ``full ≈ max(compute,
+read, write)``; a serial one ``≈ compute + read + write``.
+
+``--simulate-forward-ms MS`` is a SIMULATION for machines without a GPU, never a GPU figure: the model
+is replaced by a stand-in whose forward takes ``MS`` ms per batch of wall time, asleep (it returns
+fixed logits; a sleep releases the GIL as a thread waiting for CUDA kernels does). ``--simulate-forward-ms 23`` is an H100's forward of
+``dcpoolformer-paper`` (0.37 s for the 256 windows of 512² of a 6000² scene in batches of 16). On a
+CPU the normalisation, blending and argmax still run on the CPU (on a GPU they are device kernels), so
+``compute`` rather than ``raw`` is the baseline that shows whether the file I/O is hidden.
 """
 
 from __future__ import annotations
@@ -31,14 +48,19 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +113,33 @@ def build_model(name: str, device: str) -> nn.Module:
     return net.to(device).eval()
 
 
+class SimulatedForward(nn.Module):
+    """Not a network: a stand-in for a device that is busy ``ms`` milliseconds per forward.
+
+    ``(B, 3, h, w)`` -> ``(B, 6, h, w)`` fixed logits (a smooth random field: class regions of some
+    30 px, so the label outputs compress like real ones; the same for every window), returned ``ms``
+    after the call began. The wait is a sleep, which releases the GIL like a host thread waiting for
+    CUDA kernels, so the host's other threads run meanwhile; the logits cost no computation.
+    """
+
+    def __init__(self, ms: float, size: int = 512) -> None:
+        super().__init__()
+        self.seconds = ms / 1000.0
+        gen = torch.Generator().manual_seed(0)
+        coarse = torch.randn(1, NUM_CLASSES, size // 32 + 1, size // 32 + 1, generator=gen)
+        self.logits = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if self.logits.shape[-2:] != x.shape[-2:] or self.logits.device != x.device:
+            self.logits = F.interpolate(self.logits.to(x.device), size=x.shape[-2:], mode="bilinear")
+        logits = self.logits.expand(x.shape[0], -1, -1, -1)
+        left = self.seconds - (time.perf_counter() - t0)
+        if left > 0:
+            time.sleep(left)
+        return logits
+
+
 def _status_kb(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -120,7 +169,10 @@ def worker(args: argparse.Namespace) -> dict:
     settings = SlidingWindow(
         window=args.window, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size
     )
-    net = build_model(args.model, device)
+    if args.simulate_forward_ms is not None:
+        net: nn.Module = SimulatedForward(args.simulate_forward_ms, args.window)
+    else:
+        net = build_model(args.model, device)
     with open_scene(args.scene) as r:
         height, width = r.height, r.width
     gy, gx = settings.grids(height, width)
@@ -151,33 +203,196 @@ def worker(args: argparse.Namespace) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     out = Path(args.scene).parent / f"out-{height}"
-    _sync(device)
-    t0 = time.perf_counter()
-    predict_file(net, args.scene, out, settings, num_classes=NUM_CLASSES, device=device, probs=args.probs)
-    _sync(device)
-    full = time.perf_counter() - t0
+
+    def full_run() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        predict_file(net, args.scene, out, settings, num_classes=NUM_CLASSES, device=device, probs=args.probs)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    # Side by side, alternating, so that load changes of the machine hit all three alike; the first
+    # full run (cold: pinned buffers, GDAL caches) also gives the peak memory.
+    fulls = [full_run()]
     peak = _status_kb("VmHWM")
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    raw_after = raw()
-    raw_t = (raw_before + raw_after) / 2
+    raws = [raw_before, raw()]
+    reader_mem = in_memory_scene(args.scene)
+    computes = [compute_run(net, reader_mem, settings, device)]
+    for _ in range(args.repeat - 1):
+        fulls.append(full_run())
+        raws.append(raw())
+        computes.append(compute_run(net, reader_mem, settings, device))
+    del reader_mem
+    read, write = io_split(args.scene, out, settings)
+    waits = timeline(net, lambda: full_run()) if args.simulate_forward_ms is not None else {}
+    raw_t, full, compute = (statistics.median(v) for v in (raws, fulls, computes))
     mpx = height * width / 1e6
     return {
         "size": f"{height}x{width}",
         "windows": len(gy.starts) * len(gx.starts),
         "batches": len(batches),
         "raw_s": round(raw_t, 3),
-        "raw_s_before_after": [round(raw_before, 3), round(raw_after, 3)],
         "full_s": round(full, 3),
         "raw_mpx_s": round(mpx / raw_t, 3),
         "full_mpx_s": round(mpx / full, 3),
         "overhead": round(full / raw_t - 1, 4),
+        "compute_s": round(compute, 3),
+        "read_s": round(read, 3),
+        "write_s": round(write, 3),
+        "full_over_compute": round(full / compute - 1, 4),
+        "runs": {
+            "raw_s": [round(v, 3) for v in raws],
+            "full_s": [round(v, 3) for v in fulls],
+            "compute_s": [round(v, 3) for v in computes],
+        },
         "rss_before_mb": round(rss_before / 1024, 1),
         "peak_rss_mb": round(peak / 1024, 1),
         "peak_rss_growth_mb": round((peak - rss_before) / 1024, 1) if reset else None,
         "peak_rss_raw_mb": round(peak_raw / 1024, 1) if reset else None,
         "gpu_peak_mb": None if gpu_peak is None else round(gpu_peak, 1),
         "outputs_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1),
+        "simulated_forward_ms": args.simulate_forward_ms,
+        **waits,
     }
+
+
+def timeline(net: nn.Module, run: Any) -> dict[str, float]:
+    """One more full run, instrumented: where the prediction thread waits instead of running the model.
+
+    ``head_s``: from the call until the first forward starts (opening files, the first strip read and
+    normalised); ``wait_read_s`` / ``wait_write_s``: time the prediction thread spends, between the
+    first and the last forward, waiting for the reader thread / for the write threads (host I/O that
+    was not hidden behind the forward); ``tail_s``: from the end of the last forward until the call
+    returns (last strip blended, its argmax, last blocks written, files closed and synced), of which
+    ``tail_after_last_block_s`` after the last block was handed to the writers (host I/O only);
+    ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
+    is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
+    """
+    main = threading.get_ident()
+    spans: dict[str, list[tuple[float, float]]] = {"forward": [], "read": [], "write": []}
+    original_result = Future.result
+
+    def result(self: Future, timeout: float | None = None) -> Any:
+        if threading.get_ident() != main or self.done():
+            return original_result(self, timeout)
+        # Which pool's future: the reader thread's are named ctseg-read, the write lanes ctseg-write-*.
+        kind = "read" if getattr(self, "_ctseg_kind", None) == "read" else "write"
+        t0 = time.perf_counter()
+        try:
+            return original_result(self, timeout)
+        finally:
+            spans[kind].append((t0, time.perf_counter()))
+
+    original_submit = ThreadPoolExecutor.submit
+
+    def submit(self: ThreadPoolExecutor, fn: Any, /, *a: Any, **k: Any) -> Future:
+        fut = original_submit(self, fn, *a, **k)
+        fut._ctseg_kind = "read" if self._thread_name_prefix.startswith("ctseg-read") else "other"  # type: ignore[attr-defined]
+        return fut
+
+    import ctseg.inference.predict as cpredict
+
+    handed: list[float] = []  # when each finished block was handed to the writers
+    start_copy = getattr(cpredict, "_start_copy", None)
+
+    def timed_start_copy(*a: Any, **k: Any) -> Any:
+        try:
+            return start_copy(*a, **k)  # type: ignore[misc]
+        finally:
+            handed.append(time.perf_counter())
+
+    forward = net.forward
+
+    def timed_forward(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            spans["forward"].append((t0, time.perf_counter()))
+
+    Future.result, ThreadPoolExecutor.submit = result, submit  # type: ignore[method-assign]
+    net.forward = timed_forward  # type: ignore[method-assign]
+    if start_copy is not None:
+        cpredict._start_copy = timed_start_copy
+    try:
+        t0 = time.perf_counter()
+        run()
+        t1 = time.perf_counter()
+    finally:
+        Future.result, ThreadPoolExecutor.submit = original_result, original_submit  # type: ignore[method-assign]
+        del net.forward
+        if start_copy is not None:
+            cpredict._start_copy = start_copy
+    f = spans["forward"]
+    return {
+        "head_s": round(f[0][0] - t0, 3),
+        "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
+        "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
+        "tail_s": round(t1 - f[-1][1], 3),
+        "tail_after_last_block_s": round(t1 - handed[-1], 3) if handed else None,
+        "forward_s": round(sum(b - a for a, b in f), 3),
+        "timeline_full_s": round(t1 - t0, 3),
+    }
+
+
+def in_memory_scene(scene: Path) -> Any:
+    """The whole scene as an :class:`~ctseg.inference.io.ArrayReader` (for runs without file reads)."""
+    from ctseg.inference.io import ArrayReader, gdal_env, open_scene
+
+    with gdal_env(), open_scene(scene) as r:
+        return ArrayReader(r.read_rows(0, r.height).transpose(1, 2, 0))
+
+
+def compute_run(net: nn.Module, reader: Any, settings: Any, device: str) -> float:
+    """Seconds of what the device does, with no file I/O: normalisation, forward, blending, argmax and
+    the label blocks copied back (on CUDA without waiting, pinned; one wait at the end)."""
+    from ctseg.inference.sliding import iter_blended_rows
+
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        blocks = [
+            b.max(0).indices.to(torch.uint8).to("cpu", non_blocking=True)
+            for _, b in iter_blended_rows(net, reader, settings, device=device)
+        ]
+    _sync(device)
+    del blocks
+    return time.perf_counter() - t0
+
+
+def io_split(scene: Path, out: Path, settings: Any) -> tuple[float, float]:
+    """Seconds of the file I/O alone: reading and padding all strips (one thread), and writing the label
+    GeoTIFF and colour PNG of the full run again from memory by blocks of ``stride`` rows."""
+    import rasterio
+
+    from ctseg.inference.io import GeoTIFFWriter, PNGStreamWriter, gdal_env, open_scene
+    from ctseg.inference.predict import default_palette
+    from ctseg.inference.sliding import _load_strip
+
+    with gdal_env(), open_scene(scene) as r:
+        gy, gx = settings.grids(r.height, r.width)
+        t0 = time.perf_counter()
+        for y in gy.starts:
+            _load_strip(r, gy, gx, y)
+        read = time.perf_counter() - t0
+        georef = r.georef
+        with rasterio.open(next(out.glob("*_labels.tif"))) as ds:
+            labels = ds.read(1)
+        h, w = labels.shape
+        tmp = out.parent / f"split-{h}"
+        tmp.mkdir(exist_ok=True)
+        palette = default_palette(NUM_CLASSES)
+        t0 = time.perf_counter()
+        with (
+            GeoTIFFWriter(tmp / "l.tif", w, h, 1, np.uint8, georef, palette) as a,
+            PNGStreamWriter(tmp / "c.png", w, h, palette=palette) as b,
+        ):
+            for y in range(0, h, settings.stride):
+                a.write(labels[y : y + settings.stride])
+                b.write(labels[y : y + settings.stride])
+        write = time.perf_counter() - t0
+    return read, write
 
 
 def main() -> int:
@@ -193,6 +408,19 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--workdir", type=Path, default=None, help="where scenes and outputs go (default: a temp dir)"
+    )
+    p.add_argument(
+        "--simulate-forward-ms",
+        type=float,
+        default=None,
+        help="SIMULATION without a GPU: replace the model by one that is busy this many ms per batch "
+        "(mostly asleep); e.g. 23 = an H100's dcpoolformer-paper forward of 16 windows of 512²",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="full, raw and compute runs per size, alternating; medians reported (default 3)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -216,7 +444,9 @@ def main() -> int:
                 f"generated {scene.name} ({size}x{size}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr
             )
             cmd = [sys.executable, __file__, "--worker", "--scene", str(scene)]
-            for k in ("model", "window", "overlap", "blend", "batch_size", "device", "threads"):
+            for k in (
+                "model", "window", "overlap", "blend", "batch_size", "device", "threads", "simulate_forward_ms", "repeat"
+            ):  # fmt: skip
                 v = getattr(args, k)
                 if v is not None:
                     cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -231,9 +461,13 @@ def main() -> int:
                 return run.returncode
             res = json.loads(run.stdout.strip().splitlines()[-1])
             results.append(res)
-            print(json.dumps(res), flush=True)
+            print(json.dumps(res), file=sys.stderr, flush=True)
+    sim = args.simulate_forward_ms
     meta = {
-        "model": args.model,
+        "model": f"SIMULATED forward, {sim:g} ms per batch (not a network)"
+        if sim is not None
+        else args.model,
+        "simulated_forward_ms": sim,
         "window": args.window,
         "overlap": args.overlap,
         "blend": args.blend,
@@ -243,11 +477,13 @@ def main() -> int:
         else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
     }
+    if sim is not None:
+        print(f"\nSIMULATION (no GPU involved): the model is a stand-in busy {sim:g} ms per batch")
     print(
-        f"\nmodel {args.model}, window {args.window}/{args.overlap} ({args.blend}), batch {args.batch_size}, {meta['device']}"
+        f"\nmodel {meta['model']}, window {args.window}/{args.overlap} ({args.blend}), batch {args.batch_size}, {meta['device']}"
     )
     print(
-        "| scene | windows | raw forward Mpx/s | full Mpx/s | overhead | peak RSS MB | RSS growth MB | GPU peak MB |"
+        "| scene | windows | raw forward Mpx/s | full Mpx/s | overhead | peak RSS MB raw | peak RSS MB full | GPU peak MB |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -255,6 +491,26 @@ def main() -> int:
             f"| {r['size']} | {r['windows']} | {r['raw_mpx_s']} | {r['full_mpx_s']} | {100 * r['overhead']:.1f}% "
             f"| {r.get('peak_rss_raw_mb')} | {r['peak_rss_mb']} | {r['gpu_peak_mb'] or '—'} |"
         )
+    print("\nTime split, seconds, medians (each part alone; overlapped: full ≈ max(compute, read, write)):")
+    print("| scene | raw forward | compute (no files) | read | write | full | full / compute − 1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['size']} | {r['raw_s']} | {r['compute_s']} | {r['read_s']} | {r['write_s']} | {r['full_s']} "
+            f"| {100 * r['full_over_compute']:.1f}% |"
+        )
+    if sim is not None:
+        print("\nWhere the prediction thread waits instead of running the (simulated) forward, seconds:")
+        print(
+            "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
+            "| of which after the last block |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(
+                f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
+                f"| {r['wait_write_s']} | {r['tail_s']} | {r['tail_after_last_block_s']} |"
+            )
     if args.json:
         from ctseg.utils.io import atomic_write_json
 

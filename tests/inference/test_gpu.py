@@ -44,3 +44,25 @@ def test_cuda_geotiff_prediction(tmp_path: Path, rng: np.random.Generator) -> No
     with rasterio.open(res.outputs["labels"]) as d, rasterio.open(src) as s:
         assert d.crs == s.crs and d.transform == s.transform
         assert (d.read(1) == ref.labels).mean() > 0.999  # TF32/cuDNN may flip near-ties
+
+
+def test_cuda_prediction_never_waits_for_the_device(tmp_path: Path, rng: np.random.Generator) -> None:
+    # The host must queue strip after strip: a synchronising call in the loop (a copy from pageable
+    # memory, .cpu(), .item()) drains the device once per strip and serialises reading, forward and
+    # writing, which is what made full prediction cost 6x the bare forward on an H100. Writers wait
+    # for their own block with a CUDA event in their threads, which this mode does not flag.
+    rasterio = pytest.importorskip("rasterio")
+    image = rng.integers(0, 256, (600, 700, 3), dtype=np.uint8)
+    src = write_geotiff(tmp_path / "s.tif", image)
+    net = conv_net(6).cuda()
+    with torch.inference_mode():
+        net(torch.zeros(8, 3, 128, 128, device="cuda"))  # cuDNN / cuBLAS set-up (same batch shape) first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = predict_file(net, src, tmp_path / "o", SlidingWindow(128, 32, batch_size=8), num_classes=6)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = predict_large(net.cpu(), image, window=128, overlap=32)
+    with rasterio.open(res.outputs["labels"]) as d:
+        assert (d.read(1) == ref.labels).mean() > 0.999  # TF32/cuDNN may flip near-ties

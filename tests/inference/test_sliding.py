@@ -194,3 +194,24 @@ def test_no_seam_at_window_borders_on_a_real_image(blend: str, window: int, over
     assert ratio("flat") > 1.05
     # Blended windows: the output changes across window borders no more than anywhere inside.
     assert ratio(blend) <= 1.0
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 50, 131])
+@pytest.mark.parametrize(("window", "overlap"), [(32, 8), (16, 15), (8, 0)])
+def test_strips_are_reflect_padded_like_numpy(
+    rng: np.random.Generator, width: int, window: int, overlap: int
+) -> None:
+    # Strips are assembled in place (into pinned memory on CUDA) instead of by np.pad: same pixels.
+    from ctseg.inference.sliding import _load_strip
+
+    image = rng.integers(0, 65535, (23, width, 3), dtype=np.uint16)
+    gy, gx = SlidingWindow(window=window, overlap=overlap).grids(23, width)
+    chw = image.transpose(2, 0, 1)
+    rows = np.pad(chw, ((0, 0), (gy.pad_before, gy.pad_after), (0, 0)), mode="reflect")
+    mode = "reflect" if width > 1 else "edge"
+    ref = np.pad(rows, ((0, 0), (0, 0), (gx.pad_before, gx.pad_after)), mode=mode)
+    reader = ArrayReader(image, input_max=65535.0)
+    for y in gy.starts:
+        strip = _load_strip(reader, gy, gx, y).numpy()
+        assert strip.dtype == np.uint16
+        np.testing.assert_array_equal(strip, ref[:, y : y + window])

@@ -14,6 +14,8 @@ All of them are written to temporary files and renamed into place together at th
 from __future__ import annotations
 
 import colorsys
+import os
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,10 +72,71 @@ def output_names(stem: str, georeferenced: bool, probs: bool) -> dict[str, str]:
     return names
 
 
-def _write(writer: RowWriter, rows: np.ndarray, target: Path) -> None:
+# Finished row blocks whose writes may still be in flight. The host runs at most this many blocks ahead
+# of the writers (and so, on CUDA, of the device), which bounds host memory to a few label blocks while
+# one slow write (a loaded disk) does not yet hold up the device.
+WRITE_BEHIND = 2
+
+
+@dataclass
+class _HostBlock:
+    """Outputs of one finished row block on their way to the host.
+
+    ``rows`` maps output keys to ``(h, W)`` / ``(h, W, K)`` host tensors; on CUDA they are pinned and
+    filled by asynchronous copies, which are complete once ``ready`` (an event recorded after them) is.
+    """
+
+    rows: dict[str, torch.Tensor]
+    ready: torch.cuda.Event | None = None
+
+    def get(self, key: str) -> np.ndarray:
+        if self.ready is not None:
+            self.ready.synchronize()  # waits for this block only; the device goes on with later strips
+        return self.rows[key].numpy()
+
+
+@torch.inference_mode()
+def _start_copy(block: torch.Tensor, probs: bool) -> _HostBlock:
+    """Argmax (and softmax) of blended logits ``(K, h, W)`` on their device, then copies to the host.
+
+    On CUDA the copies are queued behind the kernels that compute them, into pinned memory, and nothing
+    waits here: the caller goes on queuing the next strip while a write thread waits for the event.
+    """
+    out = {"labels": block.max(0).indices.to(torch.uint8)}  # (h, W)
+    if probs:
+        out["probs"] = F.softmax(block, dim=0).permute(1, 2, 0)  # (h, W, K)
+    if block.device.type != "cuda":
+        return _HostBlock({k: v.cpu() for k, v in out.items()})
+    host = {}
+    for k, v in out.items():
+        host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        host[k].copy_(v, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return _HostBlock(host, ready)
+
+
+def _write(writer: RowWriter, block: _HostBlock, key: str, target: Path) -> None:
+    rows = block.get("labels" if key == "color" else key)
     try:
         writer.write(rows)
     except OSError as exc:  # disk full, quota, I/O error: the user's output location, not a bug
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+
+
+def _close(writer: RowWriter, target: Path) -> None:
+    """Close ``writer`` and flush its file to disk, in its write thread: files are finished in parallel,
+    and the fsync that :class:`OutputSet` does before renaming then finds nothing left to write."""
+    try:
+        writer.close()
+        path = getattr(writer, "path", None)
+        if path is not None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
 
@@ -141,32 +204,31 @@ def predict_file(
             elif probs:
                 items["probs"] = NpyStreamWriter(out.path(names["probs"]), w, h, num_classes)
             lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in items}
-            pending: list[Future[None]] = []
+            in_flight: deque[list[Future[None]]] = deque()
             with writers(*items.values()):
                 try:
-                    # Write-behind, one thread per file: compress and write a block while the next one
-                    # is computed (zlib and GDAL release the GIL). At most one block waits per file.
+                    # Write-behind, one thread per file: a block is compressed and written while the
+                    # next ones are computed (zlib and GDAL release the GIL).
                     for _, block in iter_blended_rows(
                         model, reader, settings, normalization=normalization, device=device, progress=progress
                     ):
                         if block.shape[0] != num_classes:
                             raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
-                        labels = block.max(0).indices.to(torch.uint8).cpu().numpy()  # (h, W)
-                        data = {"labels": labels, "color": labels}
-                        if "probs" in items:
-                            data["probs"] = (
-                                F.softmax(block, dim=0).permute(1, 2, 0).cpu().numpy()
-                            )  # (h, W, K)
-                        for f in pending:
-                            f.result()
-                        pending = [
-                            lanes[k].submit(_write, items[k], data[k], out_dir / names[k]) for k in items
-                        ]
-                    for f in pending:
+                        host = _start_copy(block, "probs" in items)
+                        del block
+                        if len(in_flight) >= WRITE_BEHIND:
+                            for f in in_flight.popleft():
+                                f.result()
+                        in_flight.append(
+                            [lanes[k].submit(_write, items[k], host, k, out_dir / names[k]) for k in items]
+                        )
+                    # The last blocks and the closing (final tiles, PNG trailer) of all files in parallel.
+                    closing = [lanes[k].submit(_close, items[k], out_dir / names[k]) for k in items]
+                    for f in [f for fs in in_flight for f in fs] + closing:
                         f.result()
                 finally:
                     # No writer may be closed (by `writers`, also after an error) while a lane writes to it.
                     for lane in lanes.values():
-                        lane.shutdown(wait=True)
+                        lane.shutdown(wait=True, cancel_futures=True)
             result.outputs = {k: out_dir / v for k, v in names.items()}
     return result

@@ -15,8 +15,9 @@ arrays and files that returns the label map and, optionally, class probabilities
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done_windows, total_windows)``, called after every batch."""
+
+# Strips read ahead of the one being computed: two absorb the jitter of a slow read (a cold disk
+# block, a loaded machine) at the cost of one more uint8 strip (3 x window x W bytes) in memory.
+PREFETCH_STRIPS = 2
 
 # Weights below this are clamped: the normalisation divides by the summed weight, which must never be 0.
 MIN_WEIGHT = 1e-3
@@ -220,19 +225,32 @@ class SlidingWindow:
         return len(gy.starts) * len(gx.starts)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without waiting: a copy from pageable memory would synchronise the CUDA stream."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _normalizer(
     normalization: dict[str, Sequence[float]] | None, input_max: float, device: torch.device
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``(B, 3, h, w)`` raw pixels -> float32 network input ``(x / input_max - mean) / std``."""
-    mean = torch.tensor(
-        (normalization or {}).get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32, device=device
+    """``norm(x, out=None)``: ``(B, 3, h, w)`` raw pixels -> float32 network input ``(x / input_max - mean) / std``."""
+    mean = _to_device(
+        torch.tensor((normalization or {}).get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32), device
     )
-    std = torch.tensor((normalization or {}).get("std", (1.0, 1.0, 1.0)), dtype=torch.float32, device=device)
+    std = _to_device(
+        torch.tensor((normalization or {}).get("std", (1.0, 1.0, 1.0)), dtype=torch.float32), device
+    )
     scale = (1.0 / (float(input_max) * std)).view(1, -1, 1, 1)
     shift = (mean / std).view(1, -1, 1, 1)
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.float32) * scale - shift
+    def norm(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # The copy converts exactly as ``x.to(float32)``; then the same two roundings as
+        # ``x * scale - shift``, in place: no temporaries, and ``out`` (float32, shaped like x) can be
+        # reused strip after strip.
+        out = x.to(torch.float32, copy=True) if out is None else out.copy_(x)
+        return out.mul_(scale).sub_(shift)
 
     return norm
 
@@ -249,6 +267,14 @@ def iter_blended_rows(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Blend window logits over a scene, yielding finished row blocks top to bottom.
 
+    Host work runs beside the model: a reader thread reads and reflect-pads the next
+    :data:`PREFETCH_STRIPS` strips while the current one is computed. On CUDA the strips are read into
+    pinned memory and copied as raw pixels (uint8 for most scenes, 4x fewer bytes than float32) with
+    ``non_blocking=True``; normalisation, blending and the division by the summed weight are kernels
+    on the model's device. Nothing here waits for the device, so the host can queue the next strip's
+    work while the device computes; a consumer that copies the blocks to the host asynchronously (as
+    :func:`~ctseg.inference.predict.predict_file` does) keeps the device busy all the way.
+
     Args:
         model: maps ``(B, 3, window, window)`` normalised images to ``(B, K, window, window)`` logits
             (wrap it in :class:`~ctseg.inference.tta.TTA` for test-time augmentation).
@@ -260,7 +286,8 @@ def iter_blended_rows(
 
     Yields:
         ``(y0, logits)``: scene row ``y0`` and the blended logits ``(K, h, W)`` float32 of rows
-        ``[y0, y0 + h)``, on ``device``. Blocks are contiguous and cover the scene exactly once.
+        ``[y0, y0 + h)``, on ``device``. Blocks are contiguous and cover the scene exactly once. On CUDA
+        the values may still be being computed: read them through stream-ordered operations.
     """
     settings = settings or SlidingWindow()
     if device is None:
@@ -272,24 +299,42 @@ def iter_blended_rows(
     win, stride = settings.window, settings.stride
     total = len(gy.starts) * len(gx.starts)
     profile = blend_profile(win, settings.overlap, settings.blend)
-    weight = torch.outer(profile, profile).to(device)
-    row_sum = _weight_sum(gy, profile).to(device)  # (Hp,)
-    col_sum = _weight_sum(gx, profile)[gx.pad_before : gx.pad_before + width].to(device)  # (W,)
+    weight = _to_device(torch.outer(profile, profile), device)
+    row_sum = _to_device(_weight_sum(gy, profile), device)  # (Hp,)
+    col_sum = _to_device(_weight_sum(gx, profile)[gx.pad_before : gx.pad_before + width], device)  # (W,)
     norm = _normalizer(normalization, reader.input_max, device)
+    # Pinned host memory makes the host-to-device copy asynchronous; from pageable memory CUDA first
+    # waits for the stream to drain, which would stall the device once per strip.
+    pin = device.type == "cuda"
     acc: torch.Tensor | None = None  # (K, win, Wp): weighted logits, rows relative to the window-row start
+    # The normalised strip and the window batch are rewritten in place, strip after strip and batch after
+    # batch (the model has consumed a batch before the next one is stacked: in program order on the CPU,
+    # in stream order on CUDA). Fresh tensors of this size (tens of MB) would cost page faults on every
+    # strip on the CPU, where the allocator returns them to the OS.
+    strip = torch.empty(3, win, gx.padded, dtype=torch.float32, device=device)
+    stack_buf = torch.empty(
+        min(settings.batch_size, len(gx.starts)), 3, win, win, dtype=torch.float32, device=device
+    )
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-read") as pool:
-        # Read the next strip while this one is computed (GDAL and numpy release the GIL).
-        pending = pool.submit(_load_strip, reader, gy, gx, gy.starts[0])
+        # Read ahead while strips are computed (GDAL and numpy release the GIL). One thread, because a
+        # rasterio dataset must not be read from two threads at once.
+        pending: deque[Future[torch.Tensor]] = deque(
+            pool.submit(_load_strip, reader, gy, gx, y, pin) for y in gy.starts[:PREFETCH_STRIPS]
+        )
         for r, y in enumerate(gy.starts):
-            band = pending.result()  # (3, win, Wp) raw pixels, reflect-padded
-            if r + 1 < len(gy.starts):
-                pending = pool.submit(_load_strip, reader, gy, gx, gy.starts[r + 1])
-            strip = torch.from_numpy(band).to(device, non_blocking=True)
-            strip = norm(strip[None])[0]  # (3, win, Wp) float32
+            band = pending.popleft().result()  # (3, win, Wp) raw pixels, reflect-padded
+            if r + PREFETCH_STRIPS < len(gy.starts):
+                pending.append(pool.submit(_load_strip, reader, gy, gx, gy.starts[r + PREFETCH_STRIPS], pin))
+            norm(band.to(device, non_blocking=True)[None], out=strip[None])  # (3, win, Wp) float32
+            del band  # the pinned block returns to torch's host cache once the copy is done
+            # All windows of the strip as one strided view (n, 3, win, win): window i starts at column
+            # i * stride, exactly gx.starts. Copying a batch of them is one kernel; stacking the slices
+            # one by one costs a parallel region each, which on a busy CPU is several times slower.
+            windows = strip.unfold(2, win, stride).permute(2, 0, 1, 3)
             for b0 in range(0, len(gx.starts), settings.batch_size):
                 xs = gx.starts[b0 : b0 + settings.batch_size]
-                batch = torch.stack([strip[:, :, x : x + win] for x in xs])  # (B, 3, win, win)
+                batch = stack_buf[: len(xs)].copy_(windows[b0 : b0 + len(xs)])  # (B, 3, win, win)
                 logits = model(batch)
                 if logits.shape[-2:] != (win, win):
                     raise RuntimeError(
@@ -316,19 +361,32 @@ def iter_blended_rows(
             if not last:
                 keep = win - stride
                 acc[:, :keep] = acc[:, stride:].clone()
-                acc[:, keep:] = 0
+                acc[:, keep:].zero_()
 
 
-def _load_strip(reader: SceneReader, gy: AxisGrid, gx: AxisGrid, y: int) -> np.ndarray:
-    """Raw pixels of padded rows ``[y, y + window)`` over the padded width, ``(3, window, W_pad)``."""
+def _load_strip(reader: SceneReader, gy: AxisGrid, gx: AxisGrid, y: int, pin: bool = False) -> torch.Tensor:
+    """Raw pixels of padded rows ``[y, y + window)`` over the padded width, ``(3, window, W_pad)``.
+
+    Reflect padding as :func:`reflect_index` (numpy's ``"reflect"``; one column: repeated). With
+    ``pin`` the strip is assembled directly in page-locked memory, ready for an asynchronous copy.
+    """
     rows = reflect_index(np.arange(y, y + gy.window) - gy.pad_before, gy.length)
     lo, hi = int(rows.min()), int(rows.max()) + 1
     band = reader.read_rows(lo, hi)  # (3, hi - lo, W)
     if hi - lo != gy.window or rows[0] != lo or rows[-1] != hi - 1:  # reflected rows at the top / bottom
         band = np.take(band, rows - lo, axis=1)
-    pad = ((0, 0), (0, 0), (gx.pad_before, gx.pad_after))
-    # numpy's "reflect" is reflect_index's convention (also for pads longer than the row); one column: edge.
-    return np.pad(band, pad, mode="reflect" if gx.length > 1 else "edge")
+    c, w, pb = band.shape[0], gx.length, gx.pad_before
+    dtype = torch.from_numpy(np.empty(0, dtype=band.dtype)).dtype  # the torch twin of the raw pixel type
+    out_t = torch.empty((c, gy.window, gx.padded), dtype=dtype, pin_memory=pin)
+    out = out_t.numpy()  # (3, window, Wp), sharing memory with out_t
+    # One pass over the pixels: the scene columns are copied in place, only the margins are gathered.
+    out[:, :, pb : pb + w] = band
+    cols = gx.source_index()
+    if pb:
+        out[:, :, :pb] = band[:, :, cols[:pb]]
+    if gx.padded > pb + w:
+        out[:, :, pb + w :] = band[:, :, cols[pb + w :]]
+    return out_t
 
 
 # ---------------------------------------------------------------------------------------------------
