@@ -29,7 +29,7 @@ def cl_pair_loss(cos: torch.Tensor, same: bool, smoothing: float = 0.1) -> torch
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Mean of ``values`` where ``mask`` along ``dim``; 0 (not NaN) where nothing is selected."""
     m = mask.to(values.dtype)
-    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim)
+    total = torch.where(mask, values, 0.0).sum(dim)
     return total / m.sum(dim).clamp(min=1.0)
 
 
@@ -49,7 +49,7 @@ def hard_pairs(
         ``(K, n)`` bool in that sorted order.
     """
     fill = float("-inf") if most_similar else float("inf")
-    key = torch.where(valid, sim.detach(), torch.full((), fill, dtype=sim.dtype, device=sim.device))
+    key = torch.where(valid, sim.detach(), fill)
     order = torch.sort(key, dim=-1, descending=most_similar, stable=True).indices
     n_valid = valid.sum(-1)
     n_keep = torch.floor(n_valid.to(torch.float64) * take_top).to(torch.long)

@@ -70,7 +70,7 @@ def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
 def _top_rows(keys: torch.Tensor, eligible: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the ``budget`` largest keys among eligible ones, eligible first: ``(K, budget)``, ``(K,)``."""
     k = min(budget, keys.shape[-1])
-    masked = torch.where(eligible, keys, torch.full((), -1.0, dtype=keys.dtype, device=keys.device))
+    masked = torch.where(eligible, keys, -1.0)
     rows = torch.topk(masked, k, dim=-1, largest=True, sorted=True).indices
     available = eligible.sum(-1)
     return _pad_columns(rows, budget), torch.clamp(available, max=k)

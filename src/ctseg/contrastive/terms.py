@@ -71,8 +71,7 @@ def cl_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     pos_active = active & (pos_count >= cfg.min_pair_positives)
     l_neg = masked_mean(cl_pair_loss(neg.sim.gather(1, neg.order), False, cfg.smoothing), neg.keep)
     l_pos = masked_mean(cl_pair_loss(pos.sim.gather(1, pos.order), True, cfg.smoothing), pos.keep)
-    zero = torch.zeros((), device=zp.device)
-    l_neg, l_pos = torch.where(active, l_neg, zero), torch.where(pos_active, l_pos, zero)
+    l_neg, l_pos = torch.where(active, l_neg, 0.0), torch.where(pos_active, l_pos, 0.0)
     pairs = neg.keep.sum(-1) * active + pos.keep.sum(-1) * pos_active
     return StageTerms(
         loss=l_neg + l_pos,
@@ -97,7 +96,7 @@ def infonce_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     need_pos = max(cfg.min_positives, cfg.min_infonce)
     need_neg = max(cfg.min_negatives, cfg.min_infonce)
     active = (pos_count >= need_pos) & (neg_count >= need_neg)
-    loss = torch.where(active, loss, torch.zeros((), device=zp.device))
+    loss = torch.where(active, loss, 0.0)
     pairs = pos.keep[:, :q].sum(-1) * (1 + neg.keep[:, :m].sum(-1)) * active
     return StageTerms(loss, loss[:, None], active[:, None], active, pairs.to(torch.float32))
 
