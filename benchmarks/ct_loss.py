@@ -61,10 +61,14 @@ VARIANTS = {
     "reference-cl": {"mode": "reference", "loss": "cl"},
     "reference-infonce": {"mode": "reference", "loss": "infonce"},
 }
-# Step part on CUDA only: paper CL with the input check on, which reads values on the host between the
-# loss and backward() (one device sync per step, as ctseg did before the stats were read lazily, and as
-# any loop that logs the stats there does). On CPU it equals "paper-cl" (the check is on there anyway).
-SYNC_VARIANTS = {"paper-cl+sync": {"mode": "paper", "loss": "cl", "check_inputs": True}}
+# Step part on CUDA only. "+sync": paper CL with the input check on, which reads values on the host
+# between the loss and backward() (one device sync per step, as ctseg did before the stats were read
+# lazily, and as any loop that logs the stats there does; on CPU the check is on anyway). "-stats":
+# without the stats tensor (their share of the kernels).
+CUDA_STEP_VARIANTS = {
+    "paper-cl+sync": {"mode": "paper", "loss": "cl", "check_inputs": True},
+    "paper-cl-stats": {"mode": "paper", "loss": "cl", "compute_stats": False},
+}
 
 
 def dubai_masks(n: int, size: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -102,7 +106,7 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def make_ct(variant: str, device: torch.device, **kw) -> PatchContrastiveLoss:
-    options = {**VARIANTS, **SYNC_VARIANTS}[variant]
+    options = {**VARIANTS, **CUDA_STEP_VARIANTS}[variant]
     return PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **options, **kw).to(device)
 
 
@@ -239,7 +243,7 @@ def step_memory_cpu(config: str, batch: int, warmup: int = 1, steps: int = 2) ->
 def bench_step(
     repeats: int, device: torch.device, batch: int = 8, warmup: int = 1, memory_steps: int = 2
 ) -> dict[str, dict[str, float]]:
-    configs = ["baseline", *VARIANTS, *(SYNC_VARIANTS if device.type == "cuda" else ())]
+    configs = ["baseline", *VARIANTS, *(CUDA_STEP_VARIANTS if device.type == "cuda" else ())]
     model = build_model(device)
     opts, cts = {}, {}
     g = torch.Generator().manual_seed(1)
