@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ctseg import __version__
 from ctseg.errors import CtsegError
+from ctseg.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -24,19 +25,23 @@ class Command:
     help: str
 
 
-COMMANDS: dict[str, Command] = {
-    "demo": Command("ctseg.cli.demo", "generate the synthetic set, train without and with CT, compare"),
-    "prepare": Command("ctseg.cli.prepare", "prepare a dataset from its official archives into tiles"),
-    "data": Command("ctseg.cli.data", "inspect prepared data: `data stats`, `data show`"),
-    "fit": Command("ctseg.cli.train", "train a model from a YAML config (LightningCLI)"),
-    "validate": Command("ctseg.cli.train", "validate a checkpoint on the validation split"),
-    "test": Command("ctseg.cli.train", "evaluate a checkpoint on the test split"),
-    "predict": Command("ctseg.cli.predict", "predict whole images, folders or GeoTIFF scenes"),
-    "evaluate": Command("ctseg.cli.evaluate", "full-tile evaluation at native resolution"),
-    "export": Command("ctseg.cli.export", "export the inference network (ONNX)"),
-    "experiment": Command("ctseg.cli.experiment", "run and report grids of experiments"),
-    "models": Command("ctseg.cli.models", "list the model registry"),
-}
+#: The sub-commands, listed by ``ctseg --help`` in this (registration) order.
+COMMANDS: Registry[Command] = Registry("command")
+for _name, _module, _help in (
+    ("demo", "ctseg.cli.demo", "generate the synthetic set, train without and with CT, compare"),
+    ("prepare", "ctseg.cli.prepare", "prepare a dataset from its official archives into tiles"),
+    ("data", "ctseg.cli.data", "inspect prepared data: `data stats`, `data show`"),
+    ("fit", "ctseg.cli.train", "train a model from a YAML config (LightningCLI)"),
+    ("validate", "ctseg.cli.train", "validate a checkpoint on the validation split"),
+    ("test", "ctseg.cli.train", "evaluate a checkpoint on the test split"),
+    ("predict", "ctseg.cli.predict", "predict whole images, folders or GeoTIFF scenes"),
+    ("evaluate", "ctseg.cli.evaluate", "full-tile evaluation at native resolution"),
+    ("export", "ctseg.cli.export", "export the inference network (ONNX)"),
+    ("experiment", "ctseg.cli.experiment", "run and report grids of experiments"),
+    ("models", "ctseg.cli.models", "list the model registry"),
+):
+    COMMANDS.add(_name, Command(_module, _help))
+del _name, _module, _help
 
 
 def _top_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ctseg.errors import ConfigError
+from ctseg.utils.registry import Registry
 
 RGB = tuple[int, int, int]
 MaskInterp = Literal["nearest", "bicubic"]
@@ -335,19 +336,12 @@ def _unit_hash(item_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-_REGISTRY: dict[str, Callable[[], Protocol]] = {}
+_REGISTRY: Registry[Callable[[], Protocol]] = Registry("protocol")
 
 
 def register_protocol(name: str) -> Callable[[Callable[[], Protocol]], Callable[[], Protocol]]:
     """Decorator registering a zero-argument factory that builds the preset ``name``."""
-
-    def deco(fn: Callable[[], Protocol]) -> Callable[[], Protocol]:
-        if name in _REGISTRY:
-            raise ValueError(f"protocol {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def get_protocol(name: str | Protocol | dict[str, Any], **overrides: Any) -> Protocol:
@@ -357,9 +351,7 @@ def get_protocol(name: str | Protocol | dict[str, Any], **overrides: Any) -> Pro
     elif isinstance(name, dict):
         proto = Protocol.from_dict(name)
     else:
-        if name not in _REGISTRY:
-            raise ConfigError(f"unknown protocol {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-        proto = _REGISTRY[name]()
+        proto = _REGISTRY[name]()  # an unknown name is a ConfigError listing the known ones
     if overrides:
         unknown = set(overrides) - {f.name for f in fields(Protocol)}
         if unknown:
@@ -550,7 +542,7 @@ def load_protocol(spec: str | Path) -> Protocol:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(
-            f"unknown protocol {str(spec)!r}: neither a preset ({', '.join(sorted(_REGISTRY))}) nor a file"
+            f"unknown protocol {str(spec)!r}: neither a preset ({', '.join(_REGISTRY.names())}) nor a file"
         )
     try:
         text = path.read_text(encoding="utf-8")

@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from ctseg.errors import ConfigError
+from ctseg.utils.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -415,29 +416,20 @@ def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Trans
 # registry
 
 TransformBuilder = Callable[[AugmentConfig, TransformContext], v2.Transform | None]
-_REGISTRY: dict[str, TransformBuilder] = {}
+_REGISTRY: Registry[TransformBuilder] = Registry("transform")
 
 
 def register_transform(name: str) -> Callable[[TransformBuilder], TransformBuilder]:
     """Register ``builder(cfg, ctx) -> Transform | None`` (``None``: the step is off under this config)."""
-
-    def deco(fn: TransformBuilder) -> TransformBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"transform {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def list_transforms() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def build_transform(name: str, cfg: AugmentConfig, ctx: TransformContext) -> v2.Transform | None:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown transform {name!r}; known: {', '.join(list_transforms())}")
-    return _REGISTRY[name](cfg, ctx)
+    return _REGISTRY[name](cfg, ctx)  # an unknown name is a ConfigError listing the known ones
 
 
 @register_transform("mosaic")

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ctseg.errors import ConfigError, CtsegError, OutputError
 from ctseg.utils.io import atomic_open
+from ctseg.utils.registry import Registry
 
 INTERRUPTED_NAME = "interrupted.ckpt"
 NONFINITE_NAME = "nonfinite-stop.ckpt"
@@ -97,15 +98,12 @@ def resume_command(ckpt: str | Path, argv: Sequence[str] | None = None) -> str:
 # ---------------------------------------------------------------------------------------- non-finite
 #: ``policy(guard, trainer, optimizer, reason)``: called on a bad step; must leave the step skipped or raise.
 NonFinitePolicy = Callable[["NonFiniteGuard", pl.Trainer, torch.optim.Optimizer, str], None]
-NONFINITE_POLICIES: dict[str, NonFinitePolicy] = {}
+NONFINITE_POLICIES: Registry[NonFinitePolicy] = Registry("non-finite policy")
 
 
 def register_nonfinite_policy(name: str) -> Callable[[NonFinitePolicy], NonFinitePolicy]:
-    def deco(fn: NonFinitePolicy) -> NonFinitePolicy:
-        NONFINITE_POLICIES[name] = fn
-        return fn
-
-    return deco
+    """Register ``policy(guard, trainer, optimizer, reason)`` as the ``--nonfinite`` value ``name``."""
+    return NONFINITE_POLICIES.register(name)
 
 
 @register_nonfinite_policy("skip")
@@ -141,9 +139,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, policy: str = "skip", max_consecutive: int = 10) -> None:
         if policy not in NONFINITE_POLICIES:
-            raise ConfigError(
-                f"unknown non-finite policy {policy!r}; known: {', '.join(sorted(NONFINITE_POLICIES))}"
-            )
+            raise NONFINITE_POLICIES.unknown(policy)
         if max_consecutive < 0:
             raise ConfigError(f"max_consecutive must be >= 0, got {max_consecutive}")
         self.policy = policy

@@ -14,32 +14,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctseg.errors import ConfigError
+from ctseg.utils.registry import Registry
 
 SegLossFactory = Callable[..., nn.Module]
-_REGISTRY: dict[str, SegLossFactory] = {}
+_REGISTRY: Registry[SegLossFactory] = Registry("seg_loss")
 
 
 def register_seg_loss(name: str) -> Callable[[SegLossFactory], SegLossFactory]:
-    def deco(factory: SegLossFactory) -> SegLossFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"segmentation loss {name!r} registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    """Register ``factory(*, num_classes, ignore_index, smoothing) -> loss module`` as ``name``."""
+    return _REGISTRY.register(name)
 
 
 def list_seg_losses() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def create_seg_loss(name: str, *, num_classes: int, ignore_index: int, smoothing: float = 0.05) -> nn.Module:
     """Build a registered segmentation loss; ``loss(logits (B,K,H,W), target (B,H,W) long) -> scalar``."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown seg_loss {name!r}; known: {', '.join(list_seg_losses())}")
+    factory = _REGISTRY[name]  # an unknown name is a ConfigError listing the known ones
     if not 0.0 <= smoothing < 1.0:
         raise ConfigError(f"seg_loss smoothing must be in [0, 1), got {smoothing}")
-    return _REGISTRY[name](num_classes=num_classes, ignore_index=ignore_index, smoothing=smoothing)
+    return factory(num_classes=num_classes, ignore_index=ignore_index, smoothing=smoothing)
 
 
 class SoftCrossEntropyLoss(nn.Module):

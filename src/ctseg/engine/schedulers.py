@@ -9,25 +9,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ctseg.errors import ConfigError
+from ctseg.utils.registry import Registry
 
-# factory(total_steps, min_ratio, power) -> factor of the step after warm-up, given progress in [0, 1]
+# fn(progress, min_ratio, power) -> factor of the step after warm-up, given progress in [0, 1]
 ScheduleFn = Callable[[float, float, float], float]
-_REGISTRY: dict[str, ScheduleFn] = {}
+_REGISTRY: Registry[ScheduleFn] = Registry("scheduler")
 
 
 def register_schedule(name: str) -> Callable[[ScheduleFn], ScheduleFn]:
-    def deco(fn: ScheduleFn) -> ScheduleFn:
-        if name in _REGISTRY:
-            raise ValueError(f"schedule {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    """Register ``fn(progress, min_ratio, power) -> factor`` as the ``scheduler:`` value ``name``."""
+    return _REGISTRY.register(name)
 
 
 def list_schedules() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 @register_schedule("constant")
@@ -53,10 +48,9 @@ def lr_factor(
     Warm-up ramps linearly from ``1/(warmup_steps+1)`` to 1 over ``warmup_steps`` steps; the schedule's
     progress then runs from 0 at the end of warm-up to 1 at ``total_steps``.
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown scheduler {name!r}; known: {', '.join(list_schedules())}")
+    fn = _REGISTRY[name]  # an unknown name is a ConfigError listing the known ones
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / span))
-    return _REGISTRY[name](progress, min_ratio, power)
+    return fn(progress, min_ratio, power)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ctseg.errors import ConfigError
 from ctseg.models.decoders import create_decoder
 from ctseg.models.segmentor import SegmentationModel
+from ctseg.utils.registry import Registry
 
 if TYPE_CHECKING:
     from ctseg.models.backbones import Backbone
@@ -43,8 +44,9 @@ class ModelEntry:
         return f"{self.name}<timm name>" if self.family else self.name
 
 
-_MODELS: dict[str, ModelEntry] = {}
-_FAMILIES: dict[str, ModelEntry] = {}
+# The entries carry the description (``list_models``) and the family flag beside the factory.
+_MODELS: Registry[ModelEntry] = Registry("model")
+_FAMILIES: Registry[ModelEntry] = Registry("model family")
 
 
 def register_model(name: str, description: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -52,9 +54,7 @@ def register_model(name: str, description: str) -> Callable[[ModelFactory], Mode
 
     def deco(factory: ModelFactory) -> ModelFactory:
         # A preset may start with a family prefix ("unetformer-paper"): presets are resolved first.
-        if name in _MODELS:
-            raise ValueError(f"model name {name!r} is taken")
-        _MODELS[name] = ModelEntry(name, description, factory)
+        _MODELS.add(name, ModelEntry(name, description, factory))
         return factory
 
     return deco
@@ -64,9 +64,7 @@ def register_family(prefix: str, description: str) -> Callable[[ModelFactory], M
     """Register ``factory(timm_name, num_classes, *, pretrained=False, **options)`` for ``<prefix><timm name>``."""
 
     def deco(factory: ModelFactory) -> ModelFactory:
-        if prefix in _FAMILIES:
-            raise ValueError(f"model family {prefix!r} is taken")
-        _FAMILIES[prefix] = ModelEntry(prefix, description, factory, family=True)
+        _FAMILIES.add(prefix, ModelEntry(prefix, description, factory, family=True))
         return factory
 
     return deco

@@ -12,31 +12,23 @@ from typing import Any
 
 from ctseg.data.prepare.runner import Preparer, PrepareResult, SourceItem, run_prepare
 from ctseg.data.protocols import Protocol, get_protocol
-from ctseg.errors import ConfigError
+from ctseg.utils.registry import Registry
 
-_PREPARERS: dict[str, type[Preparer]] = {}
+# Keyed by dataset name: "unknown dataset 'x'; known: ..." is what a user typing `ctseg prepare x` needs.
+_PREPARERS: Registry[type[Preparer]] = Registry("dataset")
 
 
 def register_preparer(name: str) -> Callable[[type[Preparer]], type[Preparer]]:
     """Class decorator registering a :class:`Preparer` under the dataset name ``name``."""
-
-    def deco(cls: type[Preparer]) -> type[Preparer]:
-        if name in _PREPARERS:
-            raise ValueError(f"preparer {name!r} registered twice")
-        _PREPARERS[name] = cls
-        return cls
-
-    return deco
+    return _PREPARERS.register(name)
 
 
 def get_preparer(name: str) -> Preparer:
-    if name not in _PREPARERS:
-        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(_PREPARERS))}")
-    return _PREPARERS[name]()
+    return _PREPARERS[name]()  # an unknown name is a ConfigError listing the known ones
 
 
 def list_preparers() -> list[str]:
-    return sorted(_PREPARERS)
+    return _PREPARERS.names()
 
 
 def prepare(

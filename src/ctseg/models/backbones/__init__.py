@@ -29,6 +29,7 @@ from ctseg.models.backbones.swin_paper import SwinPaper
 from ctseg.models.backbones.timm_adapter import TimmBackbone, create_timm_model, is_swin_like
 from ctseg.models.backbones.vit_neck import TimmViTBackbone
 from ctseg.models.weights import LoadReport, load_state_dict_report
+from ctseg.utils.registry import Registry
 
 __all__ = [
     "STANDARD_STRIDES",
@@ -55,19 +56,14 @@ PLAIN_VIT_MODULES: tuple[str, ...] = ("vision_transformer", "deit", "eva", "visi
 #: timm name of the official PoolFormer-S12 weights (sail-sg release) used by ``poolformer-paper``.
 POOLFORMER_S12_TIMM = "poolformer_s12.sail_in1k"
 
-_REGISTRY: dict[str, BackboneFactory] = {}
+_REGISTRY: Registry[BackboneFactory] = Registry("backbone", hint=f", or '{TIMM_PREFIX}<timm model name>'")
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
     """Register ``factory(pretrained=..., partial=..., **kwargs) -> Backbone`` under ``name``."""
-
-    def deco(factory: BackboneFactory) -> BackboneFactory:
-        if name in _REGISTRY or name.startswith(TIMM_PREFIX):
-            raise ValueError(f"backbone name {name!r} is taken")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+    if name.startswith(TIMM_PREFIX):  # that namespace is timm's: create_backbone never looks it up here
+        raise ValueError(f"backbone name {name!r} is taken: {TIMM_PREFIX!r} names are timm models")
+    return _REGISTRY.register(name)
 
 
 def list_backbones(pattern: str = "*", include_timm: bool = False) -> list[str]:
@@ -96,11 +92,7 @@ def create_backbone(
             )
         cls = TimmViTBackbone if is_plain_vit(model_name) else TimmBackbone
         return cls(model_name, pretrained=pretrained, partial=partial, **kwargs)
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ConfigError(
-            f"unknown backbone {name!r}; known: {', '.join(list_backbones())}, or 'timm:<timm model name>'"
-        )
+    factory = _REGISTRY[name]  # an unknown name is a ConfigError listing the known ones and timm:
     return factory(pretrained=pretrained, partial=partial, **kwargs)
 
 

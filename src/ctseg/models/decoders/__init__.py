@@ -12,22 +12,18 @@ from typing import Any
 
 from torch import nn
 
-from ctseg.errors import ConfigError
 from ctseg.models.decoders.dcfam import DCFAMDecoder
 from ctseg.models.decoders.unetformer import UNetFormerDecoder
+from ctseg.utils.registry import Registry
 
-DECODERS: dict[str, type[nn.Module]] = {
-    "dcfam": DCFAMDecoder,
-    "unetformer": UNetFormerDecoder,
-}
+DECODERS: Registry[type[nn.Module]] = Registry("decoder")
+DECODERS.add("dcfam", DCFAMDecoder)
+DECODERS.add("unetformer", UNetFormerDecoder)
 
 
 def create_decoder(name: str, encoder_channels: Sequence[int], num_classes: int, **options: Any) -> nn.Module:
     """Build the decoder registered as ``name`` for the given encoder channels."""
-    try:
-        cls = DECODERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown decoder {name!r}; known: {', '.join(sorted(DECODERS))}") from None
+    cls = DECODERS[name]  # an unknown name is a ConfigError listing the known ones
     return cls(list(encoder_channels), num_classes, **options)
 
 
