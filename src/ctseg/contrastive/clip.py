@@ -6,17 +6,15 @@ from collections.abc import Callable
 
 import torch
 
+from ctseg.utils.registry import Registry
+
 ClipFn = Callable[[torch.Tensor, float], torch.Tensor]
 
-CLIP_MODES: dict[str, ClipFn] = {}
+CLIP_MODES: Registry[ClipFn] = Registry("CT clip_mode")
 
 
 def register_clip(name: str) -> Callable[[ClipFn], ClipFn]:
-    def deco(fn: ClipFn) -> ClipFn:
-        CLIP_MODES[name] = fn
-        return fn
-
-    return deco
+    return CLIP_MODES.register(name)
 
 
 @register_clip("clamp")

@@ -17,6 +17,7 @@ from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.contrastive.stats import CTStats
 from ctseg.contrastive.terms import PAPER_TERMS
 from ctseg.errors import ConfigError, CtsegError, DataError
+from ctseg.utils.registry import Registry
 
 
 class NonFiniteFeaturesError(CtsegError, FloatingPointError):
@@ -31,7 +32,9 @@ def _run_reference(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) ->
     return reference_group(loss_fn.cfg, loss_fn.heads, feats, counts, grids)
 
 
-MODES: dict[str, Callable[..., GroupResult]] = {"paper": _run_paper, "reference": _run_reference}
+MODES: Registry[Callable[..., GroupResult]] = Registry("CT mode")
+MODES.add("paper", _run_paper)
+MODES.add("reference", _run_reference)
 
 
 class PatchContrastiveLoss(nn.Module):

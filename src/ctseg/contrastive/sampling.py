@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ctseg.utils.registry import Registry
+
 
 @dataclass
 class StageSample:
@@ -42,15 +44,11 @@ class StageSample:
 
 
 Sampler = Callable[..., StageSample]
-SAMPLERS: dict[str, Sampler] = {}
+SAMPLERS: Registry[Sampler] = Registry("CT sampling")
 
 
 def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
-    def deco(fn: Sampler) -> Sampler:
-        SAMPLERS[name] = fn
-        return fn
-
-    return deco
+    return SAMPLERS.register(name)
 
 
 def candidate_masks(counts: torch.Tensor, patch_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 
 from ctseg.contrastive.config import CTConfig
 from ctseg.contrastive.losses import cl_pair_loss, hard_pairs, info_nce, masked_mean
+from ctseg.utils.registry import Registry
 
 
 @dataclass
@@ -112,7 +113,6 @@ class LossKind:
     paper_stage: StageTermFn
 
 
-PAPER_TERMS: dict[str, LossKind] = {
-    "cl": LossKind(("loss_neg", "loss_pos"), cl_stage),
-    "infonce": LossKind(("loss_infonce",), infonce_stage),
-}
+PAPER_TERMS: Registry[LossKind] = Registry("CT loss")
+PAPER_TERMS.add("cl", LossKind(("loss_neg", "loss_pos"), cl_stage))
+PAPER_TERMS.add("infonce", LossKind(("loss_infonce",), infonce_stage))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctseg.errors import ConfigError
+from ctseg.utils.registry import Registry
 
 if TYPE_CHECKING:
     from ctseg.inference.io import SceneReader
@@ -47,19 +48,12 @@ MIN_WEIGHT = 1e-3
 # ---------------------------------------------------------------------------------------------------
 
 BlendFn = Callable[[int, int], torch.Tensor]
-BLEND_WINDOWS: dict[str, BlendFn] = {}
+BLEND_WINDOWS: Registry[BlendFn] = Registry("blend window")
 
 
 def register_blend(name: str) -> Callable[[BlendFn], BlendFn]:
     """Register a 1-D blending profile ``fn(size, overlap) -> (size,) float64`` with maximum 1."""
-
-    def deco(fn: BlendFn) -> BlendFn:
-        if name in BLEND_WINDOWS:
-            raise ValueError(f"blend window {name!r} registered twice")
-        BLEND_WINDOWS[name] = fn
-        return fn
-
-    return deco
+    return BLEND_WINDOWS.register(name)
 
 
 def _centres(size: int) -> torch.Tensor:
@@ -93,9 +87,7 @@ def _flat(size: int, overlap: int) -> torch.Tensor:
 
 def blend_profile(window: int, overlap: int, kind: str = "spline") -> torch.Tensor:
     """The 1-D ``(window,)`` float32 blending profile, max 1, never below :data:`MIN_WEIGHT`."""
-    if kind not in BLEND_WINDOWS:
-        raise ConfigError(f"unknown blend window {kind!r}; known: {', '.join(sorted(BLEND_WINDOWS))}")
-    w1 = BLEND_WINDOWS[kind](window, overlap)
+    w1 = BLEND_WINDOWS[kind](window, overlap)  # an unknown name is a ConfigError listing the known ones
     return (w1 / w1.max()).clamp_min(MIN_WEIGHT).to(torch.float32)
 
 
