@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,10 @@ VARIANTS = {
 CUDA_STEP_VARIANTS = {
     "paper-cl+sync": {"mode": "paper", "loss": "cl", "check_inputs": True},
     "paper-cl-stats": {"mode": "paper", "loss": "cl", "compute_stats": False},
+    # torch.compile'd loss: fused kernels ("compile"), and replayed as a CUDA graph ("graphs").
+    "paper-cl+compile": {"mode": "paper", "loss": "cl", "compile": "default"},
+    "paper-cl+graphs": {"mode": "paper", "loss": "cl", "compile": "reduce-overhead"},
+    "paper-infonce+graphs": {"mode": "paper", "loss": "infonce", "compile": "reduce-overhead"},
 }
 
 
@@ -241,9 +245,18 @@ def step_memory_cpu(config: str, batch: int, warmup: int = 1, steps: int = 2) ->
 
 
 def bench_step(
-    repeats: int, device: torch.device, batch: int = 8, warmup: int = 1, memory_steps: int = 2
+    repeats: int,
+    device: torch.device,
+    batch: int = 8,
+    warmup: int = 1,
+    memory_steps: int = 2,
+    extra: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    configs = ["baseline", *VARIANTS, *(CUDA_STEP_VARIANTS if device.type == "cuda" else ())]
+    """Round-robin step timings of the baseline, :data:`VARIANTS` and ``extra`` (optional variants,
+    default: :data:`CUDA_STEP_VARIANTS` on CUDA; one that fails is reported and left out)."""
+    if extra is None:
+        extra = list(CUDA_STEP_VARIANTS) if device.type == "cuda" else []
+    configs = ["baseline", *VARIANTS, *extra]
     model = build_model(device)
     opts, cts = {}, {}
     g = torch.Generator().manual_seed(1)
@@ -255,26 +268,39 @@ def bench_step(
         params = list(model.parameters()) + ([] if cts[c] is None else list(cts[c].parameters()))
         opts[c] = torch.optim.AdamW(params, lr=0.0)  # lr 0: the weights, hence the work, stay identical
         steps[c] = make_step(model, cts[c], opts[c], images, masks)
-    times: dict[str, list[float]] = {c: [] for c in configs}
+    errors: dict[str, str] = {}
     for _ in range(warmup):
-        for c in configs:
-            steps[c]()
+        for c in list(configs):
+            try:
+                t0 = time.perf_counter()
+                steps[c]()
+                sync(device)
+                if _ == 0 and c in extra:
+                    print(f"  (first step of {c}: {time.perf_counter() - t0:.1f} s, incl. compiling)")
+            except Exception as exc:  # an optional variant that fails (a compiler) must not sink the rest
+                if c not in extra:
+                    raise
+                errors[c] = f"{type(exc).__name__}: {exc}"[:500]
+                configs.remove(c)
+                print(f"  {c} failed and is left out: {errors[c]}")
+    times: dict[str, list[float]] = {c: [] for c in configs}
     for _ in range(repeats):
         for c in configs:
             times[c].append(timed(steps[c], device))
-    out = {c: {"time_s": statistics.median(t)} for c, t in times.items()}
+    out: dict[str, dict] = {c: {"time_s": statistics.median(t)} for c, t in times.items()}
+    out.update({c: {"error": e} for c, e in errors.items()})
+    if device.type == "cuda":  # measured alone: nothing of the timing loop stays allocated
+        del steps, cts, opts, model
+        gc.collect()
+        torch.cuda.empty_cache()
     for c in configs:
-        if device.type == "cuda":
-            del steps
-            steps = {}
-            torch.cuda.empty_cache()
-            out[c]["peak_gib"] = step_memory_child(c, device, batch, warmup, memory_steps)
-        else:  # a fresh process per configuration: its peak RSS is then its own
-            cmd = [sys.executable, __file__, "--memory-child", c, "--batch", str(batch), "--size", str(SIZE)]
-            cmd += ["--warmup", str(warmup), "--memory-steps", str(memory_steps)]
-            cmd += ["--threads", str(torch.get_num_threads())]
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            out[c].update(json.loads(res.stdout.strip().splitlines()[-1]))
+        try:
+            out[c].update(_step_memory(c, device, batch, warmup, memory_steps))
+        except Exception as exc:
+            if c not in extra:
+                raise
+            out[c]["peak_gib"] = float("nan")
+            out[c]["error"] = f"memory: {type(exc).__name__}: {exc}"[:500]
     base = out["baseline"]
     for c in configs:
         out[c]["time_vs_baseline"] = out[c]["time_s"] / base["time_s"] - 1.0
@@ -282,6 +308,19 @@ def bench_step(
         if "rss_gib" in out[c]:
             out[c]["rss_vs_baseline"] = out[c]["rss_gib"] / base["rss_gib"] - 1.0
     return out
+
+
+def _step_memory(config: str, device: torch.device, batch: int, warmup: int, steps: int) -> dict[str, float]:
+    if device.type == "cuda":
+        peak = step_memory_child(config, device, batch, warmup, steps)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"peak_gib": peak}
+    # CPU: a fresh process per configuration (its allocator events and peak RSS are then its own)
+    cmd = [sys.executable, __file__, "--memory-child", config, "--batch", str(batch), "--size", str(SIZE)]
+    cmd += ["--warmup", str(warmup), "--memory-steps", str(steps), "--threads", str(torch.get_num_threads())]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -324,8 +363,11 @@ def main() -> None:
         results[f"step_B{args.step_batch}"] = res
         print(f"\nDCPoolFormer training step, B={args.step_batch}, {SIZE}², {device}:")
         for c, r in res.items():
+            if "time_s" not in r:
+                print(f"  {c:22s} failed: {r['error']}")
+                continue
             print(
-                f"  {c:18s} {r['time_s']:7.3f} s ({r['time_vs_baseline']:+6.1%})   "
+                f"  {c:22s} {r['time_s'] * 1000:9.1f} ms ({r['time_vs_baseline']:+6.1%})   "
                 f"peak {r['peak_gib']:6.3f} GiB ({r['memory_vs_baseline']:+6.1%})"
                 + (
                     f"   peak RSS (noisy) {r['rss_gib']:6.2f} GiB ({r['rss_vs_baseline']:+6.1%})"

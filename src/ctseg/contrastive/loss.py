@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,22 @@ def _run_reference(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) ->
 MODES: Registry[Callable[..., GroupResult]] = Registry("CT mode")
 MODES.add("paper", _run_paper)
 MODES.add("reference", _run_reference)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(compile: bool | str | None, mode: str, gather_negatives: bool) -> str | None:
+    if compile is None or compile is False:
+        return None
+    name = "default" if compile is True else compile
+    if name not in COMPILE_MODES:
+        raise ConfigError(f"CT loss: compile={compile!r} is not a bool or one of {list(COMPILE_MODES)}")
+    if mode != "paper":
+        raise ConfigError("CT loss: compile needs mode='paper' (the reference mode reads sizes on the host)")
+    if gather_negatives:
+        raise ConfigError("CT loss: compile does not support gather_negatives (collectives with autograd)")
+    return name
 
 
 class PatchContrastiveLoss(nn.Module):
@@ -87,6 +104,12 @@ class PatchContrastiveLoss(nn.Module):
             (default): check on CPU, where that is free, and not on CUDA, where a synchronisation in
             the middle of a training step costs more than the loss (a NaN then shows in the loss,
             which the trainer's non-finite guard handles). ``True``: always (one sync per call).
+        compile: ``torch.compile`` the loss (paper mode, without ``gather_negatives``): ``True`` or
+            ``"default"`` fuses its few hundred small operations into a few kernels;
+            ``"reduce-overhead"`` also replays them as a CUDA graph (on a GPU the eager loss is bound
+            by kernel launches, not by arithmetic: see docs/benchmarks.md). Compiled on the first call
+            for each input shape (tens of seconds). The random draws then come from the compiled
+            kernels' generator: same seed, same result, but not the eager values.
 
     Forward:
         ``features``: list of ``(B, C_s, H_s, W_s)`` maps (any float dtype; computed in fp32).
@@ -139,6 +162,7 @@ class PatchContrastiveLoss(nn.Module):
         process_group: object | None = None,
         compute_stats: bool = True,
         check_inputs: bool | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         for name, value, options in (
@@ -187,6 +211,13 @@ class PatchContrastiveLoss(nn.Module):
         self.process_group = process_group
         self.compute_stats = compute_stats
         self.check_inputs = check_inputs
+        self.compile = _compile_mode(compile, mode, gather_negatives)
+        self._compiled_compute: Callable[..., Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_compiled_compute"] = None  # compiled code does not pickle; recompiled on first use
+        return state
 
     # ------------------------------------------------------------------ input checks
     def _check_shapes(
@@ -252,17 +283,61 @@ class PatchContrastiveLoss(nn.Module):
         self, features: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, CTStats | dict[str, float]]:
         self._check_shapes(features, mask, probs)
+        check = self._checks_inputs(mask)
+        if check and self.cfg.mode == "reference":  # reference mode syncs anyway: fail before any work
+            self._raise_on_flags(self._early_flags(features, mask).tolist(), features, mask)
+            check = False
+        compute = self._compute if self.compile is None else self._compiled()
+        loss, packed, flags = compute(list(features), mask, probs, check)
+        if packed is None:
+            if flags is not None:
+                self._raise_on_flags(flags.tolist(), features, mask)
+            return loss, {}
+        if self.compile == "reduce-overhead":
+            # CUDA-graph outputs are overwritten by the next replay; stats may be read a step later.
+            packed = packed.clone()
+        names = self._stat_names()
+        if flags is None:
+            return loss, CTStats(packed, names)  # read from the device when first looked at
+        values = torch.cat([packed, flags]).tolist()  # the check syncs anyway: one fetch for both
+        self._raise_on_flags(values[-2:], features, mask)
+        return loss, CTStats(packed, names, fetched=values[: len(names)])
+
+    def _early_flags(self, features: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         used = [features[s] for s in self.cfg.stages]
+        grids = self._grids(used, mask)
+        with torch.autocast(device_type=mask.device.type, enabled=False):
+            return self._input_flags(features, mask, patch_class_counts(mask, self.cfg.num_classes, grids)[0])
+
+    def _grids(self, used: Sequence[torch.Tensor], mask: torch.Tensor) -> list:
         strides = None if self.strides is None else [self.strides[s] for s in self.cfg.stages]
-        grids = stage_grids(
+        return stage_grids(
             tuple(mask.shape[1:]), [tuple(f.shape[2:]) for f in used], self.cfg.stages, strides
         )
+
+    def _compiled(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        if self._compiled_compute is None:
+            mode = None if self.compile == "default" else self.compile
+            self._compiled_compute = torch.compile(self._compute, mode=mode, dynamic=False)
+        return self._compiled_compute
+
+    def _compute(
+        self,
+        features: list[torch.Tensor],
+        mask: torch.Tensor,
+        probs: torch.Tensor | None,
+        check: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The loss as tensors only (no host reads; what ``compile`` compiles).
+
+        Returns the weighted, clipped loss, the packed stats ``(N,)`` (None without stats) and the
+        input-check flags ``(2,)`` (None without the check).
+        """
+        used = [features[s] for s in self.cfg.stages]
+        grids = self._grids(used, mask)
         with torch.autocast(device_type=mask.device.type, enabled=False):
             counts = patch_class_counts(mask, self.cfg.num_classes, grids)
-            flags = self._input_flags(features, mask, counts[0]) if self._checks_inputs(mask) else None
-            if flags is not None and self.cfg.mode == "reference":  # it syncs anyway; fail before any work
-                self._raise_on_flags(flags.tolist(), features, mask)
-                flags = None
+            flags = self._input_flags(features, mask, counts[0]) if check else None
             conf = (
                 patch_class_means(probs.detach(), grids)
                 if probs is not None and self.cfg.sampling == "confidence"
@@ -288,23 +363,12 @@ class PatchContrastiveLoss(nn.Module):
                 )
                 outs.append(clipped)
             loss = torch.stack(outs).mean() * self.weight
-        if not self.compute_stats:
-            if flags is not None:
-                self._raise_on_flags(flags.tolist(), features, mask)
-            return loss, {}
-        return loss, self._stats(loss, torch.stack(raws), results, flags, features, mask)
+            packed = self._pack_stats(loss, torch.stack(raws), results) if self.compute_stats else None
+        return loss, packed, flags
 
     # ------------------------------------------------------------------ stats
-    def _stats(
-        self,
-        loss: torch.Tensor,
-        raws: torch.Tensor,
-        results: list[GroupResult],
-        flags: torch.Tensor | None,
-        features: Sequence[torch.Tensor],
-        mask: torch.Tensor,
-    ) -> CTStats:
-        """All stats packed in one device tensor; fetched by one ``tolist()`` when first read."""
+    def _pack_stats(self, loss: torch.Tensor, raws: torch.Tensor, results: list[GroupResult]) -> torch.Tensor:
+        """All stats packed in one ``(N,)`` float32 device tensor, in the order of :meth:`_stat_names`."""
         clip = float("inf") if self.clip is None or self.clip_mode == "none" else self.clip
         pos = torch.stack([r.positives for r in results]).sum(0)  # (S, K)
         neg = torch.stack([r.negatives for r in results]).sum(0)
@@ -334,15 +398,7 @@ class PatchContrastiveLoss(nn.Module):
             pairs.flatten(),
         ]
         parts.append(terms.flatten())
-        if flags is not None:
-            parts.append(flags)
-        packed = torch.cat([p.float().reshape(-1).to(loss.device) for p in parts])
-        names = self._stat_names()
-        if flags is None:
-            return CTStats(packed, names)  # read from the device when first looked at
-        values = packed.tolist()  # the check syncs anyway: one fetch for the check and the stats
-        self._raise_on_flags(values[-2:], features, mask)
-        return CTStats(packed[: len(names)], names, fetched=values[: len(names)])
+        return torch.cat([p.float().reshape(-1).to(loss.device) for p in parts])
 
     def _checks_inputs(self, mask: torch.Tensor) -> bool:
         if self.check_inputs is None:  # auto: only where reading a value costs no device sync
@@ -365,5 +421,5 @@ class PatchContrastiveLoss(nn.Module):
         return (
             f"loss={c.loss!r}, mode={c.mode!r}, stages={list(c.stages)}, num_classes={c.num_classes}, "
             f"ignore_index={c.ignore_index}, sampling={c.sampling!r}, clip={self.clip}, "
-            f"clip_mode={self.clip_mode!r}, weight={self.weight}, group_size={self.group_size}"
+            f"clip_mode={self.clip_mode!r}, weight={self.weight}, group_size={self.group_size}, compile={self.compile!r}"
         )

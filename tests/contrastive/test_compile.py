@@ -1,0 +1,63 @@
+"""``compile=``: the torch.compile'd loss equals the eager one (values, stats, gradients).
+
+Compiling takes tens of seconds on CPU, so one compiled module serves the checks of this file. The GPU
+timings it exists for are in docs/benchmarks.md (CT loss, CUDA).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctseg.contrastive import PatchContrastiveLoss
+from ctseg.errors import ConfigError
+from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
+
+
+def _inputs(seed: int):
+    mask = blocky_mask(2, 64, 64, 6, 6, block=8, seed=seed)
+    feats = stage_features(2, 64, 64, seed, requires_grad=True)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.randn(2, 6, 64, 64, generator=g).softmax(1)
+    return feats, mask, probs
+
+
+def _run(fn, seed):
+    feats, mask, probs = _inputs(seed)
+    loss, stats = fn(feats, mask, probs)
+    loss.backward()
+    return loss.detach(), dict(stats), [f.grad for f in feats], [p.grad.clone() for p in fn.parameters()]
+
+
+def test_compiled_equals_eager():
+    """Confidence sampling draws nothing at random, so compiled and eager must agree to rounding."""
+    torch.manual_seed(0)
+    kw = dict(loss="cl", clip=1.0, clip_mode="scale", sampling="confidence", check_inputs=False)
+    eager = PatchContrastiveLoss(CHANNELS, 6, 6, **kw)
+    compiled = PatchContrastiveLoss(CHANNELS, 6, 6, compile=True, **kw)
+    compiled.load_state_dict(eager.state_dict())
+    for seed in (1, 2):  # the second call reuses the compiled code (same shapes)
+        le, se, ge, pe = _run(eager, seed)
+        lc, sc, gc, pc = _run(compiled, seed)
+        assert se["active"] == 1.0 and lc.item() == pytest.approx(le.item(), rel=1e-5, abs=1e-6)
+        assert sc.keys() == se.keys()
+        for key in se:
+            assert sc[key] == pytest.approx(se[key], rel=1e-4, abs=1e-5), key
+        for a, b in zip(gc + pc, ge + pe, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        eager.zero_grad()
+        compiled.zero_grad()
+    assert "compile='default'" in repr(compiled)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"compile": "fast"}, "not a bool or one of"),
+        ({"compile": True, "mode": "reference"}, "needs mode='paper'"),
+        ({"compile": True, "gather_negatives": True}, "gather_negatives"),
+    ],
+)
+def test_compile_options_are_checked(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        PatchContrastiveLoss(CHANNELS, 6, 6, **kw)
