@@ -289,6 +289,11 @@ def bench_step(
             times[c].append(timed(steps[c], device))
     out: dict[str, dict] = {c: {"time_s": statistics.median(t)} for c, t in times.items()}
     out.update({c: {"error": e} for c, e in errors.items()})
+    base_t = out["baseline"]["time_s"]
+    print(
+        "step times (memory follows):",
+        ", ".join(f"{c} {out[c]['time_s'] / base_t - 1:+.1%}" for c in configs),
+    )
     if device.type == "cuda":  # measured alone: nothing of the timing loop stays allocated
         del steps, cts, opts, model
         gc.collect()
