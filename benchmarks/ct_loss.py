@@ -68,10 +68,10 @@ VARIANTS = {
 CUDA_STEP_VARIANTS = {
     "paper-cl+sync": {"mode": "paper", "loss": "cl", "check_inputs": True},
     "paper-cl-stats": {"mode": "paper", "loss": "cl", "compute_stats": False},
-    # torch.compile'd loss: fused kernels ("compile"), and replayed as a CUDA graph ("graphs").
+    # torch.compile'd loss (fused kernels). The CUDA-graph variants ("reduce-overhead") measured once
+    # (docs/benchmarks.md) are no longer accepted by the loss: their backward failed in a test.
     "paper-cl+compile": {"mode": "paper", "loss": "cl", "compile": "default"},
-    "paper-cl+graphs": {"mode": "paper", "loss": "cl", "compile": "reduce-overhead"},
-    "paper-infonce+graphs": {"mode": "paper", "loss": "infonce", "compile": "reduce-overhead"},
+    "paper-infonce+compile": {"mode": "paper", "loss": "infonce", "compile": "default"},
 }
 
 

@@ -54,6 +54,7 @@ def test_compiled_equals_eager():
     ("kw", "match"),
     [
         ({"compile": "fast"}, "not a bool or one of"),
+        ({"compile": "reduce-overhead"}, "CUDA graphs"),
         ({"compile": True, "mode": "reference"}, "needs mode='paper'"),
         ({"compile": True, "gather_negatives": True}, "gather_negatives"),
     ],
