@@ -25,6 +25,7 @@ from ctseg.contrastive.config import CTConfig, GroupResult
 from ctseg.contrastive.heads import project_rows
 from ctseg.contrastive.losses import cl_pair_loss, info_nce
 from ctseg.contrastive.patches import StageGrid
+from ctseg.utils.registry import Registry
 
 
 @dataclass
@@ -101,10 +102,9 @@ _PlanFn = Callable[[int, torch.Tensor, torch.Tensor, CTConfig], _Plan]
 _LossFn = Callable[
     [Sequence[torch.Tensor], CTConfig], tuple[torch.Tensor, list[torch.Tensor], list[bool], int]
 ]
-REFERENCE_TERMS: dict[str, tuple[_PlanFn, _LossFn, int]] = {
-    "cl": (_cl_plan, _cl_loss, 2),
-    "infonce": (_infonce_plan, _infonce_loss, 1),
-}
+REFERENCE_TERMS: Registry[tuple[_PlanFn, _LossFn, int]] = Registry("CT reference loss")
+REFERENCE_TERMS.add("cl", (_cl_plan, _cl_loss, 2))
+REFERENCE_TERMS.add("infonce", (_infonce_plan, _infonce_loss, 1))
 
 
 def reference_group(
