@@ -12,7 +12,7 @@ from ctseg.contrastive.clip import CLIP_MODES
 from ctseg.contrastive.config import CTConfig, GroupResult, as_stage_tuple
 from ctseg.contrastive.heads import build_heads
 from ctseg.contrastive.paper import paper_group
-from ctseg.contrastive.patches import patch_class_counts, patch_class_means, stage_grids
+from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means, stage_grids
 from ctseg.contrastive.reference import reference_group
 from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.contrastive.stats import CTStats
@@ -315,7 +315,7 @@ class PatchContrastiveLoss(nn.Module):
         with torch.autocast(device_type=mask.device.type, enabled=False):
             return self._input_flags(features, mask, patch_class_counts(mask, self.cfg.num_classes, grids)[0])
 
-    def _grids(self, used: Sequence[torch.Tensor], mask: torch.Tensor) -> list:
+    def _grids(self, used: Sequence[torch.Tensor], mask: torch.Tensor) -> list[StageGrid]:
         strides = None if self.strides is None else [self.strides[s] for s in self.cfg.stages]
         return stage_grids(
             tuple(mask.shape[1:]), [tuple(f.shape[2:]) for f in used], self.cfg.stages, strides
