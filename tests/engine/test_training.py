@@ -6,6 +6,7 @@ The synthetic set is generated once per module (64² scenes); models are the rea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -208,3 +209,25 @@ def test_sigkill_after_an_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     diff = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
     assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU (inductor) needs a C++ compiler",
+)
+def test_cli_fit_with_a_compiled_ct_loss_trains_and_resumes(synth, tmp_path):
+    """``ct: {compile: true}`` through the CLI: trains, reports CT statistics, resumes from ``last``
+    (the compiled code is not part of the checkpoint; it is rebuilt on the first step)."""
+    run = tmp_path / "run"
+    ct = json.dumps({**CT_CL, "clip_mode": "scale", "compile": True})
+    run_cli("fit", _cli_args(synth, run, "--model.ct", ct))
+    first = json.loads((run / "metrics.json").read_text())
+    assert first["history"][0]["ct"]["active"] == 1.0
+    assert "compile: true" in (run / "config.yaml").read_text()
+    run_cli(
+        "fit", _cli_args(synth, run, "--model.ct", ct, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    )
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1]
+    assert torch.isfinite(torch.tensor(resumed["history"][-1]["train_loss"]))
