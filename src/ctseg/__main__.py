@@ -1,5 +1,3 @@
-import sys
+from ctseg.cli import console_main
 
-from ctseg.cli import main
-
-sys.exit(main())
+console_main()

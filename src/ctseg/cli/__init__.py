@@ -93,5 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """Entry point of the ``ctseg`` command and of ``python -m ctseg``: :func:`main`, then exit."""
+    code = main()
+    if code == 130:
+        # Interrupted (Ctrl-C): the checkpoint is saved and the resume command printed. Leave without
+        # the interpreter's teardown, where a native library's background thread still writing to an
+        # already closed stream once aborted the process (SIGABRT instead of exit status 130).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
