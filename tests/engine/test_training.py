@@ -20,15 +20,9 @@ from ctseg.engine.checkpoint import load_inference_model
 from ctseg.engine.cli import run_cli
 from ctseg.engine.module import SegmentationModule
 from ctseg.errors import CheckpointError
+from tests.fit import FAST, TINY, fit_args
 
-REPO = Path(__file__).resolve().parents[2]
 CT_CL = {"loss": "cl", "mode": "paper", "clip": 1.0, "smoothing": 0.1}
-FAST = "unetformer-paper"  # the lightest paper preset
-# A narrow, shallow variant of the preset: same code paths, a fraction of the CPU time.
-TINY = {
-    "backbone_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]},
-    "decoder_kwargs": {"decode_channels": 16, "num_heads": 2},
-}
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +32,9 @@ def synth(tmp_path_factory) -> Path:
     return root
 
 
-def _cli_args(root: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(REPO / "configs/synthetic/unetformer-cl.yaml"),
-        "--data.root", str(root),
-        "--data.crop_size", "64",
-        "--data.batch_size", "2",
-        "--data.val_batch_size", "2",
-        "--trainer.default_root_dir", str(run),
-        "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--tensorboard", "false",
-        "--model.model_kwargs", json.dumps(TINY),
-        *extra,
-    ]  # fmt: skip
-
-
 def test_cli_fit_then_test_writes_the_run_folder(synth, tmp_path):
     run = tmp_path / "run"
-    run_cli("fit", _cli_args(synth, run))
+    run_cli("fit", fit_args(synth, run))
     for name in (
         "config.yaml",
         "metrics.csv",
@@ -87,7 +65,7 @@ def test_cli_fit_then_test_writes_the_run_folder(synth, tmp_path):
     with pytest.raises(CheckpointError, match="expected 'dubai'"):
         load_inference_model(run / "checkpoints/last.ckpt", expect_protocol="dubai")
 
-    run_cli("test", _cli_args(synth, run, "--ckpt_path", str(run / "checkpoints/last.ckpt")))
+    run_cli("test", fit_args(synth, run, "--ckpt_path", str(run / "checkpoints/last.ckpt")))
     assert (run / "metrics.csv").is_file() and (
         run / "logs" / "test-0" / "metrics.csv"
     ).is_file()  # fit log kept
@@ -174,7 +152,7 @@ def test_sigkill_after_an_epoch_then_resume_matches_uninterrupted(tmp_path):
 
     def args(run: Path) -> list[str]:
         return [
-            sys.executable, "-m", "ctseg", "fit", *_cli_args(root, run, "--trainer.max_epochs", "3",
+            sys.executable, "-m", "ctseg", "fit", *fit_args(root, run, "--trainer.max_epochs", "3",
             "--trainer.deterministic", "true", "--data.batch_size", "1", "--model.ct_group_size", "1"),
         ]  # fmt: skip
 
@@ -221,13 +199,11 @@ def test_cli_fit_with_a_compiled_ct_loss_trains_and_resumes(synth, tmp_path):
     (the compiled code is not part of the checkpoint; it is rebuilt on the first step)."""
     run = tmp_path / "run"
     ct = json.dumps({**CT_CL, "clip_mode": "scale", "compile": True})
-    run_cli("fit", _cli_args(synth, run, "--model.ct", ct))
+    run_cli("fit", fit_args(synth, run, "--model.ct", ct))
     first = json.loads((run / "metrics.json").read_text())
     assert first["history"][0]["ct"]["active"] == 1.0
     assert "compile: true" in (run / "config.yaml").read_text()
-    run_cli(
-        "fit", _cli_args(synth, run, "--model.ct", ct, "--trainer.max_epochs", "2", "--ckpt_path", "last")
-    )
+    run_cli("fit", fit_args(synth, run, "--model.ct", ct, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     resumed = json.loads((run / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [0, 1]
     assert torch.isfinite(torch.tensor(resumed["history"][-1]["train_loss"]))

@@ -1,11 +1,10 @@
-"""Fixtures of the reliability tests: a tiny synthetic prepared set (64² scenes), ``ctseg fit`` arguments for
-a narrow variant of the lightest paper preset, and one real trained run shared by the tests that need a
-checkpoint. Everything runs on CPU with one torch thread (see tests/engine/conftest.py for why).
+"""Fixtures of the reliability tests: a tiny synthetic prepared set (64² scenes) and one real trained run
+(``tests/fit.py`` arguments) shared by the tests that need a checkpoint. Everything runs on CPU with one
+torch thread (see tests/engine/conftest.py for why).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -15,33 +14,7 @@ import torch
 
 from ctseg.cli import main
 from ctseg.data.synthetic import write_synthetic_dataset
-
-REPO = Path(__file__).resolve().parents[2]
-FAST = "unetformer-paper"
-# Same code paths as the preset, a fraction of the CPU time.
-TINY = {
-    "backbone_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]},
-    "decoder_kwargs": {"decode_channels": 16, "num_heads": 2},
-}
-
-
-def fit_args(data: Path, run: Path, *extra: str) -> list[str]:
-    """``ctseg fit`` arguments (without the command) for a 1-epoch tiny run on ``data`` into ``run``."""
-    return [
-        "--config", str(REPO / "configs/synthetic/unetformer-cl.yaml"),
-        "--data.root", str(data),
-        "--data.crop_size", "64",
-        "--data.batch_size", "2",
-        "--data.val_batch_size", "2",
-        "--data.num_workers", "0",
-        "--trainer.default_root_dir", str(run),
-        "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--tensorboard", "false",
-        "--model.model_kwargs", json.dumps(TINY),
-        *extra,
-    ]  # fmt: skip
+from tests.fit import fit_args
 
 
 def files_under(folder: Path) -> set[str]:

@@ -28,7 +28,8 @@ from ctseg.engine.guards import AtomicCheckpointIO
 from ctseg.engine.runner import make_trainer
 from ctseg.errors import OutputError
 from ctseg.utils.io import atomic_write_json
-from tests.reliability.conftest import fit_args, temp_leftovers
+from tests.fit import fit_args
+from tests.reliability.conftest import temp_leftovers
 from tests.reliability.test_numerics import Tiny
 
 

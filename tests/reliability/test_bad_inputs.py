@@ -20,7 +20,8 @@ from PIL import Image
 from ctseg.cli import main
 from ctseg.data.protocols import get_protocol
 from ctseg.errors import CheckpointError, DataError
-from tests.reliability.conftest import files_under, fit_args, temp_leftovers
+from tests.fit import fit_args
+from tests.reliability.conftest import files_under, temp_leftovers
 
 TOP = "Semantic segmentation dataset"
 

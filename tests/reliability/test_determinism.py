@@ -15,7 +15,7 @@ import torch
 
 from ctseg.cli import main
 from ctseg.engine.cli import run_cli
-from tests.reliability.conftest import fit_args
+from tests.fit import fit_args
 
 
 def numbers(run: Path) -> dict:

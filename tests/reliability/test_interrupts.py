@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ctseg.engine.guards import INTERRUPTED_NAME, resume_command
-from tests.reliability.conftest import fit_args
+from tests.fit import fit_args
 
 
 def loadable(path: Path) -> dict | None:

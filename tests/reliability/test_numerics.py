@@ -21,7 +21,7 @@ from ctseg.cli import main
 from ctseg.engine.guards import NONFINITE_NAME, NonFiniteGuard, NonFiniteLossError
 from ctseg.errors import ConfigError
 from tests.contrastive.test_fuzz import build, cases, loss_for_case
-from tests.reliability.conftest import fit_args
+from tests.fit import fit_args
 
 
 class Tiny(pl.LightningModule):
