@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -293,27 +294,18 @@ class PatchContrastiveLoss(nn.Module):
     ) -> tuple[torch.Tensor, CTStats | dict[str, float]]:
         self._check_shapes(features, mask, probs)
         check = self._checks_inputs(mask)
-        if check and self.cfg.mode == "reference":  # reference mode syncs anyway: fail before any work
-            self._raise_on_flags(self._early_flags(features, mask).tolist(), features, mask)
-            check = False
         compute = self._compute if self.compile is None else self._compiled()
         loss, packed, flags = compute(list(features), mask, probs, check)
         if packed is None:
             if flags is not None:
                 self._raise_on_flags(flags.tolist(), features, mask)
             return loss, {}
-        names = self._stat_names()
+        names = self.stat_names
         if flags is None:
             return loss, CTStats(packed, names)  # read from the device when first looked at
         values = torch.cat([packed, flags]).tolist()  # the check syncs anyway: one fetch for both
         self._raise_on_flags(values[-2:], features, mask)
         return loss, CTStats(packed, names, fetched=values[: len(names)])
-
-    def _early_flags(self, features: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        used = [features[s] for s in self.cfg.stages]
-        grids = self._grids(used, mask)
-        with torch.autocast(device_type=mask.device.type, enabled=False):
-            return self._input_flags(features, mask, patch_class_counts(mask, self.cfg.num_classes, grids)[0])
 
     def _grids(self, used: Sequence[torch.Tensor], mask: torch.Tensor) -> list[StageGrid]:
         strides = None if self.strides is None else [self.strides[s] for s in self.cfg.stages]
@@ -334,16 +326,19 @@ class PatchContrastiveLoss(nn.Module):
         probs: torch.Tensor | None,
         check: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The loss as tensors only (no host reads; what ``compile`` compiles).
+        """The loss as tensors only (what ``compile`` compiles; no host reads in paper mode).
 
         Returns the weighted, clipped loss, the packed stats ``(N,)`` (None without stats) and the
-        input-check flags ``(2,)`` (None without the check).
+        input-check flags ``(2,)`` (None without the check, or when already checked here).
         """
         used = [features[s] for s in self.cfg.stages]
         grids = self._grids(used, mask)
         with torch.autocast(device_type=mask.device.type, enabled=False):
             counts = patch_class_counts(mask, self.cfg.num_classes, grids)
             flags = self._input_flags(features, mask, counts[0]) if check else None
+            if flags is not None and self.cfg.mode == "reference":  # it syncs anyway: fail before any work
+                self._raise_on_flags(flags.tolist(), features, mask)
+                flags = None
             conf = (
                 patch_class_means(probs.detach(), grids)
                 if probs is not None and self.cfg.sampling == "confidence"
@@ -374,7 +369,7 @@ class PatchContrastiveLoss(nn.Module):
 
     # ------------------------------------------------------------------ stats
     def _pack_stats(self, loss: torch.Tensor, raws: torch.Tensor, results: list[GroupResult]) -> torch.Tensor:
-        """All stats packed in one ``(N,)`` float32 device tensor, in the order of :meth:`_stat_names`."""
+        """All stats packed in one ``(N,)`` float32 device tensor, in the order of :attr:`stat_names`."""
         clip = float("inf") if self.clip is None or self.clip_mode == "none" else self.clip
         pos = torch.stack([r.positives for r in results]).sum(0)  # (S, K)
         neg = torch.stack([r.negatives for r in results]).sum(0)
@@ -411,7 +406,9 @@ class PatchContrastiveLoss(nn.Module):
             return mask.device.type == "cpu"
         return bool(self.check_inputs)
 
-    def _stat_names(self) -> tuple[str, ...]:
+    @functools.cached_property
+    def stat_names(self) -> tuple[str, ...]:
+        """Names of the stats, in their packed order (fixed by the frozen config: built once)."""
         names = ["loss_raw", "loss", "clipped", "active", "skipped_fraction"]
         stages, K = self.cfg.stages, self.cfg.num_classes
         for key in ("positives", "negatives", "pairs"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -320,10 +320,13 @@ class SegmentationModule(pl.LightningModule):
                 self._flush_ct_device_sum()
                 self._ct_device_names = stats.names
             t = stats.tensor
-            finite = torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+            finite = torch.where(torch.isfinite(t), t, 0.0)
             self._ct_device_sum = finite if self._ct_device_sum is None else self._ct_device_sum + finite
             return
-        for key, value in stats.items():
+        self._add_ct_sums(stats.items())
+
+    def _add_ct_sums(self, items: Iterable[tuple[str, Any]]) -> None:
+        for key, value in items:
             if "/class" in key:  # per-class detail: too fine for epoch logs
                 continue
             try:
@@ -334,12 +337,10 @@ class SegmentationModule(pl.LightningModule):
                 self._ct_sums[key] = self._ct_sums.get(key, 0.0) + v
 
     def _flush_ct_device_sum(self) -> None:
-        """Add the device-side sums (one host sync) to ``_ct_sums``, epoch-level keys only."""
+        """Add the device-side sums (one host sync) to ``_ct_sums``."""
         if self._ct_device_sum is None:
             return
-        for key, value in zip(self._ct_device_names, self._ct_device_sum.tolist(), strict=True):
-            if "/class" not in key:  # per-class detail: too fine for epoch logs
-                self._ct_sums[key] = self._ct_sums.get(key, 0.0) + value
+        self._add_ct_sums(zip(self._ct_device_names, self._ct_device_sum.tolist(), strict=True))
         self._ct_device_sum = None
 
     def _reduce_ct_stats(self) -> dict[str, float]:
