@@ -6,6 +6,7 @@ Usage (CPU; figures in docs/benchmarks.md, section "CT loss"):
     .venv/bin/python benchmarks/ct_loss.py --part loss --batch 8 16 --repeats 5
     .venv/bin/python benchmarks/ct_loss.py --part step --repeats 3 --json runs/ct_bench.json
     .venv/bin/python benchmarks/ct_loss.py --device cuda          # on a GPU machine
+    .venv/bin/python benchmarks/ct_loss.py --device cuda --part step --extra paper-cl+graph paper-cl+compile
 
 Inputs: real Dubai label crops of 512² from ../shared/data (5 classes, Unlabeled/black → ignore 5;
 random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/32.
@@ -68,11 +69,19 @@ VARIANTS = {
 CUDA_STEP_VARIANTS = {
     "paper-cl+sync": {"mode": "paper", "loss": "cl", "check_inputs": True},
     "paper-cl-stats": {"mode": "paper", "loss": "cl", "compute_stats": False},
-    # torch.compile'd loss (fused kernels). The CUDA-graph variants ("reduce-overhead") measured once
-    # (docs/benchmarks.md) are no longer accepted by the loss: their backward failed in a test.
+    # The loss recorded as CUDA graphs and replayed (cuda_graph=True, ctseg.contrastive.graphs).
+    "paper-cl+graph": {"mode": "paper", "loss": "cl", "cuda_graph": True},
+    "paper-infonce+graph": {"mode": "paper", "loss": "infonce", "cuda_graph": True},
+    # torch.compile'd loss (fused kernels; compiling takes a minute and a half per variant and process).
+    # torch.compile's own CUDA-graph modes ("reduce-overhead") are not accepted by the loss: their
+    # backward failed in a test (docs/benchmarks.md).
     "paper-cl+compile": {"mode": "paper", "loss": "cl", "compile": "default"},
     "paper-infonce+compile": {"mode": "paper", "loss": "infonce", "compile": "default"},
 }
+# Extra variants run on CUDA unless --extra names others (the compiled ones cost minutes of compiling).
+DEFAULT_CUDA_EXTRA = ("paper-cl+sync", "paper-cl+graph", "paper-infonce+graph")
+# Loss-alone part: the eager variants everywhere, the recorded ones on CUDA too.
+CUDA_LOSS_EXTRA = ("paper-cl+graph", "paper-infonce+graph")
 
 
 def dubai_masks(n: int, size: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -122,21 +131,22 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
         torch.randn(batch, c, SIZE // p, SIZE // p, generator=g).to(device).requires_grad_()
         for c, p in zip(CHANNELS, STRIDES)
     ]
-    cts = {v: make_ct(v, device, clip=None) for v in VARIANTS}
+    variants = [*VARIANTS, *(CUDA_LOSS_EXTRA if device.type == "cuda" else ())]
+    cts = {v: make_ct(v, device, clip=None) for v in variants}
 
     def step(v: str) -> None:
         loss, _ = cts[v](feats, mask)
         loss.backward()
 
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for v in VARIANTS:  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:  # warm-up (and recording, for the CUDA-graph variants)
         step(v)
     for _ in range(repeats):
-        for v in VARIANTS:
+        for v in variants:
             times[v].append(timed(lambda v=v: step(v), device))
     out = {v: {"time_s": statistics.median(t)} for v, t in times.items()}
     if device.type == "cuda":
-        for v in VARIANTS:
+        for v in variants:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -253,9 +263,9 @@ def bench_step(
     extra: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Round-robin step timings of the baseline, :data:`VARIANTS` and ``extra`` (optional variants,
-    default: :data:`CUDA_STEP_VARIANTS` on CUDA; one that fails is reported and left out)."""
+    default: :data:`DEFAULT_CUDA_EXTRA` on CUDA; one that fails is reported and left out)."""
     if extra is None:
-        extra = list(CUDA_STEP_VARIANTS) if device.type == "cuda" else []
+        extra = list(DEFAULT_CUDA_EXTRA) if device.type == "cuda" else []
     configs = ["baseline", *VARIANTS, *extra]
     model = build_model(device)
     opts, cts = {}, {}
@@ -342,6 +352,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, help="also write the figures here (atomic write)")
+    ap.add_argument(
+        "--extra",
+        nargs="*",
+        choices=sorted(CUDA_STEP_VARIANTS),
+        help=f"optional step variants (default on CUDA: {' '.join(DEFAULT_CUDA_EXTRA)}; none on CPU)",
+    )
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -364,7 +380,7 @@ def main() -> None:
                 extra = f"  peak +{r['peak_extra_gib']:.3f} GiB" if "peak_extra_gib" in r else ""
                 print(f"  {v:18s} {r['time_s'] * 1000:9.1f} ms{extra}")
     if args.part in ("step", "all"):
-        res = bench_step(args.repeats, device, args.step_batch, args.warmup, args.memory_steps)
+        res = bench_step(args.repeats, device, args.step_batch, args.warmup, args.memory_steps, args.extra)
         results[f"step_B{args.step_batch}"] = res
         print(f"\nDCPoolFormer training step, B={args.step_batch}, {SIZE}², {device}:")
         for c, r in res.items():

@@ -14,6 +14,8 @@
 #      images/s, time and peak-memory ratios vs the no-CT row (benchmarks/training.py)
 #   5. sliding-window inference on generated 3000² / 6000² GeoTIFFs (benchmarks/inference.py)
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
+# PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all five); PYTEST_ARGS replaces
+# the GPU tests' selection (default: `-m gpu tests`).
 set -u
 OUT="${OUT:-gpu-check-out}"
 if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then PYTHON=python3; fi
@@ -37,9 +39,11 @@ SUMMARY="$OUT/summary.md"
   echo "|---|---|---|---|"
 } > "$SUMMARY"
 
+PARTS="${PARTS:-env pytest-gpu ct-loss training-bf16 inference}"
 part() {  # part NAME TIMEOUT_S CMD...
   local name="$1" limit="$2"
   shift 2
+  case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
   local log="$OUT/$name.log" t0 rc
   t0=$(date +%s)
   echo "== $name (limit ${limit}s): $*" | tee "$log"
@@ -53,8 +57,10 @@ part() {  # part NAME TIMEOUT_S CMD...
 }
 
 part env 30 bash -c "nvidia-smi; $PY -c 'import torch, lightning, timm; print(torch.__version__, torch.version.cuda, lightning.__version__, timm.__version__, torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())'"
-part pytest-gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout=100 tests
-part ct-loss 100 "$PY" benchmarks/ct_loss.py --device cuda --repeats 10 --warmup 3 --json "$OUT/ct-loss.json"
+# shellcheck disable=SC2086  # PYTEST_ARGS is a word list on purpose
+part pytest-gpu 150 "$PY" -m pytest -q -p no:cacheprovider --timeout=120 ${PYTEST_ARGS:--m gpu tests}
+part ct-loss 150 "$PY" benchmarks/ct_loss.py --device cuda --repeats 10 --warmup 3 --memory-steps 1 \
+  --json "$OUT/ct-loss.json"
 part training-bf16 110 "$PY" benchmarks/training.py --device cuda --precision bf16 --size 512 --batch 16 \
   --steps 5 --warmup 2  # its table is in the log (the device tool returns at most 8 files)
 part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json"

@@ -70,7 +70,8 @@ class CTConfig:
 
 @dataclass
 class GroupResult:
-    """What a mode computes for one group of images (S stages, K classes, T loss terms).
+    """What a mode computes for one group of images (S stages, K classes, T loss terms); with a leading
+    group dimension G on every field when it describes several groups (:meth:`stack`).
 
     Attributes:
         loss: scalar raw loss of the group, ``Σ_s Σ_c L_sc / S / (number of classes present)``.
@@ -89,6 +90,13 @@ class GroupResult:
     term_active: torch.Tensor
     active: torch.Tensor
     present: torch.Tensor
+
+    @classmethod
+    def stack(cls, results: Sequence[GroupResult]) -> GroupResult:
+        """Results of single groups → one result with a leading group dimension G."""
+        return cls(
+            **{name: torch.stack([getattr(r, name) for r in results]) for name in cls.__dataclass_fields__}
+        )
 
 
 def as_stage_tuple(stages: Sequence[int] | None, num_maps: int) -> tuple[int, ...]:

@@ -11,8 +11,9 @@ from torch import nn
 
 from ctseg.contrastive.clip import CLIP_MODES
 from ctseg.contrastive.config import CTConfig, GroupResult, as_stage_tuple
+from ctseg.contrastive.graphs import GraphCache
 from ctseg.contrastive.heads import build_heads
-from ctseg.contrastive.paper import paper_group
+from ctseg.contrastive.paper import gather_rows, group_bounds, paper_results, sample_rows
 from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means, stage_grids
 from ctseg.contrastive.reference import reference_group
 from ctseg.contrastive.sampling import SAMPLERS
@@ -27,13 +28,24 @@ class NonFiniteFeaturesError(CtsegError, FloatingPointError):
 
 
 def _run_paper(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) -> GroupResult:
-    return paper_group(loss_fn.cfg, loss_fn.heads, feats, counts, grids, conf, loss_fn.process_group)
+    samples = sample_rows(loss_fn.cfg, counts, grids, conf, loss_fn.group_size, loss_fn.process_group)
+    rows = gather_rows(feats, samples)
+    return paper_results(loss_fn.cfg, loss_fn.heads, rows, samples, loss_fn.process_group)
 
 
 def _run_reference(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) -> GroupResult:
-    return reference_group(loss_fn.cfg, loss_fn.heads, feats, counts, grids)
+    return GroupResult.stack(
+        [
+            reference_group(
+                loss_fn.cfg, loss_fn.heads, [f[b0:b1] for f in feats], [c[b0:b1] for c in counts], grids
+            )
+            for b0, b1 in group_bounds(counts[0].shape[0], loss_fn.group_size)
+        ]
+    )
 
 
+# A mode maps the used stage features, the class counts, the grids and the per-patch confidence to the
+# results of all groups (a GroupResult with a leading group dimension).
 MODES: Registry[Callable[..., GroupResult]] = Registry("CT mode")
 MODES.add("paper", _run_paper)
 MODES.add("reference", _run_reference)
@@ -62,6 +74,20 @@ def _compile_mode(compile: bool | str | None, mode: str, gather_negatives: bool)
     if gather_negatives:
         raise ConfigError("CT loss: compile does not support gather_negatives (collectives with autograd)")
     return name
+
+
+def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool, compile: str | None) -> bool:
+    if not cuda_graph:
+        return False
+    if mode != "paper":
+        raise ConfigError(
+            "CT loss: cuda_graph needs mode='paper' (the reference mode reads sizes on the host)"
+        )
+    if gather_negatives:
+        raise ConfigError("CT loss: cuda_graph does not support gather_negatives (collectives in a graph)")
+    if compile is not None:
+        raise ConfigError("CT loss: choose one of compile and cuda_graph")
+    return True
 
 
 class PatchContrastiveLoss(nn.Module):
@@ -120,6 +146,12 @@ class PatchContrastiveLoss(nn.Module):
             ``"max-autotune-no-cudagraphs"`` also tunes them. Compiled on the first call for each input
             shape (tens of seconds to a minute and a half). The random draws then come from the compiled
             kernels' generator: same seed, same result, but not the eager values.
+        cuda_graph: on CUDA, record the loss as CUDA graphs at the first call for each input shape and
+            replay them afterwards (paper mode, without ``gather_negatives`` or ``compile``): one launch
+            instead of a few hundred (see :mod:`ctseg.contrastive.graphs`). Takes effect when
+            gradients are enabled and ``check_inputs`` is off (the default on CUDA); elsewhere, and
+            on CPU, the eager loss runs. The random draws come from the CUDA generator as in the eager
+            loss but in another order: same seed, same result, not the eager values.
 
     Forward:
         ``features``: list of ``(B, C_s, H_s, W_s)`` maps (any float dtype; computed in fp32).
@@ -173,6 +205,7 @@ class PatchContrastiveLoss(nn.Module):
         compute_stats: bool = True,
         check_inputs: bool | None = None,
         compile: bool | str = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         for name, value, options in (
@@ -223,10 +256,13 @@ class PatchContrastiveLoss(nn.Module):
         self.check_inputs = check_inputs
         self.compile = _compile_mode(compile, mode, gather_negatives)
         self._compiled_compute: Callable[..., Any] | None = None
+        self.cuda_graph = _check_cuda_graph(cuda_graph, mode, gather_negatives, self.compile)
+        self._graphs = GraphCache()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_compiled_compute"] = None  # compiled code does not pickle; recompiled on first use
+        state["_graphs"] = GraphCache()  # nor do CUDA graphs; recorded again on first use
         return state
 
     # ------------------------------------------------------------------ input checks
@@ -294,6 +330,12 @@ class PatchContrastiveLoss(nn.Module):
     ) -> tuple[torch.Tensor, CTStats | dict[str, float]]:
         self._check_shapes(features, mask, probs)
         check = self._checks_inputs(mask)
+        if self.cuda_graph and not check and mask.is_cuda and torch.is_grad_enabled():
+            used = [features[s] for s in self.cfg.stages]
+            graphed = self._graphs.get(self, used, mask, probs, self._grids(used, mask))
+            if graphed is not None:
+                loss, packed = graphed(used, mask, probs)
+                return loss, ({} if packed is None else CTStats(packed, self.stat_names))
         compute = self._compute if self.compile is None else self._compiled()
         loss, packed, flags = compute(list(features), mask, probs, check)
         if packed is None:
@@ -344,60 +386,41 @@ class PatchContrastiveLoss(nn.Module):
                 if probs is not None and self.cfg.sampling == "confidence"
                 else None
             )
-            B = mask.shape[0]
-            g = B if self.group_size is None else self.group_size
-            run = MODES[self.cfg.mode]
-            results, raws, outs = [], [], []
-            for b0 in range(0, B, g):
-                sl = slice(b0, min(b0 + g, B))
-                res = run(
-                    self,
-                    [f[sl] for f in used],
-                    [c[sl] for c in counts],
-                    grids,
-                    None if conf is None else [c[sl] for c in conf],
-                )
-                results.append(res)
-                raws.append(res.loss)
-                clipped = (
-                    CLIP_MODES[self.clip_mode](res.loss, self.clip) if self.clip is not None else res.loss
-                )
-                outs.append(clipped)
-            loss = torch.stack(outs).mean() * self.weight
-            packed = self._pack_stats(loss, torch.stack(raws), results) if self.compute_stats else None
+            results = MODES[self.cfg.mode](self, used, counts, grids, conf)
+            loss, packed = self._finish(results)
         return loss, packed, flags
 
     # ------------------------------------------------------------------ stats
-    def _pack_stats(self, loss: torch.Tensor, raws: torch.Tensor, results: list[GroupResult]) -> torch.Tensor:
-        """All stats packed in one ``(N,)`` float32 device tensor, in the order of :attr:`stat_names`."""
+    def _finish(self, results: GroupResult) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clip every group's raw loss, average over groups, weight; pack the stats (None without)."""
+        raws = results.loss  # (G,)
+        clipped = CLIP_MODES[self.clip_mode](raws, self.clip) if self.clip is not None else raws
+        loss = clipped.mean() * self.weight
+        return loss, (self._pack_stats(loss, raws, results) if self.compute_stats else None)
+
+    def _pack_stats(self, loss: torch.Tensor, raws: torch.Tensor, res: GroupResult) -> torch.Tensor:
+        """All stats packed in one ``(N,)`` float32 device tensor, in the order of :attr:`stat_names`.
+
+        ``res`` has a leading group dimension G; counts are summed over groups, per-term losses averaged
+        over the groups where the term was active.
+        """
         clip = float("inf") if self.clip is None or self.clip_mode == "none" else self.clip
-        pos = torch.stack([r.positives for r in results]).sum(0)  # (S, K)
-        neg = torch.stack([r.negatives for r in results]).sum(0)
-        pairs = torch.stack([r.pairs for r in results]).sum(0)
-        t_act = torch.stack([r.term_active for r in results]).float()  # (G, S, K, T)
-        terms = (torch.stack([r.terms for r in results]) * t_act).sum(0) / t_act.sum(0).clamp(min=1)
-        active = torch.stack([r.active for r in results])  # (G, S, K)
-        present = torch.stack([r.present for r in results])  # (G, K)
-        n_terms = present.sum(-1).float().sum() * len(self.cfg.stages)
-        skipped = (present[:, None, :] & ~active).sum().float()
+        pos, neg, pairs = res.positives.sum(0), res.negatives.sum(0), res.pairs.sum(0)  # (S, K)
+        t_act = res.term_active.float()  # (G, S, K, T)
+        terms = (res.terms * t_act).sum(0) / t_act.sum(0).clamp(min=1)
+        n_terms = res.present.sum(-1).float().sum() * len(self.cfg.stages)
+        skipped = (res.present[:, None, :] & ~res.active).sum().float()
+        raws = raws.detach()
         head = torch.stack(
             [
-                raws.detach().mean(),
+                raws.mean(),
                 loss.detach(),
-                (raws.detach() > clip).float().mean(),
-                active.any().float(),
+                (raws > clip).float().mean(),
+                res.active.any().float(),
                 skipped / n_terms.clamp(min=1),
             ]
         )
-        parts = [
-            head.float(),
-            pos.sum(-1),
-            neg.sum(-1),
-            pairs.sum(-1),
-            pos.flatten(),
-            neg.flatten(),
-            pairs.flatten(),
-        ]
+        parts = [head, pos.sum(-1), neg.sum(-1), pairs.sum(-1), pos.flatten(), neg.flatten(), pairs.flatten()]
         parts.append(terms.flatten())
         return torch.cat([p.float().reshape(-1).to(loss.device) for p in parts])
 
@@ -424,5 +447,6 @@ class PatchContrastiveLoss(nn.Module):
         return (
             f"loss={c.loss!r}, mode={c.mode!r}, stages={list(c.stages)}, num_classes={c.num_classes}, "
             f"ignore_index={c.ignore_index}, sampling={c.sampling!r}, clip={self.clip}, "
-            f"clip_mode={self.clip_mode!r}, weight={self.weight}, group_size={self.group_size}, compile={self.compile!r}"
+            f"clip_mode={self.clip_mode!r}, weight={self.weight}, group_size={self.group_size}, "
+            f"compile={self.compile!r}, cuda_graph={self.cuda_graph}"
         )

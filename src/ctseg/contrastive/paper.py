@@ -1,72 +1,164 @@
 """``mode="paper"``: the method as the paper describes it, vectorised, fixed-shape, no host syncs.
 
-Per stage: sample a fixed budget of positives / negatives for every class at once and project only
-those rows; then mine hard pairs and compute the loss terms of every (stage, class) in one batch.
-Combination as in the authors' code: ``Σ_s Σ_c L_sc / S / (classes present)``.
+Three steps, each usable on its own (the CUDA-graph path of ``graphs.py`` captures the first and the
+last and runs the gather between them eagerly):
+
+1. :func:`sample_rows` — from the ground-truth patch counts only: a fixed budget of positive and
+   negative patches per (group, stage, class), as flat indices into the feature maps;
+2. :func:`gather_rows` — the sampled rows of every stage's feature map (one indexing op per stage, so
+   the backward scatters into the maps without copying them);
+3. :func:`paper_results` — projection heads, hard-pair mining and the loss terms of every
+   (group, stage, class) in one batch.
+
+Combination as in the authors' code: ``Σ_s Σ_c L_sc / S / (classes present)`` per group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ctseg.contrastive.config import CTConfig, GroupResult
 from ctseg.contrastive.distributed import gather_negatives, local_negative_budget
-from ctseg.contrastive.heads import project_rows
 from ctseg.contrastive.patches import StageGrid
 from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.contrastive.terms import PAPER_TERMS
 
 
-def paper_group(
+@dataclass
+class PaperSamples:
+    """Sampled patch rows of G groups and S stages (fixed shapes: they depend on budgets only).
+
+    Attributes:
+        batch_index: per stage ``(G, K, P + M)`` long, the image (index in the whole batch) of every
+            sampled row: the ``P`` positive slots of class c first, then its ``M`` negative slots.
+        patch_index: per stage ``(G, K, P + M)`` long, the patch ``i·w + j`` within that image.
+        pos_count: ``(G, S, K)`` long, valid positive slots (valid slots come first).
+        neg_count: ``(G, S, K)`` long, valid negative slots.
+        present: ``(G, K)`` bool, the class occurs in the group's mask.
+        num_positive_slots: P.
+    """
+
+    batch_index: list[torch.Tensor]
+    patch_index: list[torch.Tensor]
+    pos_count: torch.Tensor
+    neg_count: torch.Tensor
+    present: torch.Tensor
+    num_positive_slots: int
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Flat tuple ``(*batch_index, *patch_index, pos_count, neg_count, present)``."""
+        return (*self.batch_index, *self.patch_index, self.pos_count, self.neg_count, self.present)
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], num_positive_slots: int) -> PaperSamples:
+        S = (len(tensors) - 3) // 2
+        return cls(
+            list(tensors[:S]),
+            list(tensors[S : 2 * S]),
+            *tensors[2 * S :],
+            num_positive_slots=num_positive_slots,
+        )
+
+
+def group_bounds(batch_size: int, group_size: int | None) -> list[tuple[int, int]]:
+    """``[(b0, b1), ...]``: images of every group (the last one may be smaller)."""
+    g = batch_size if group_size is None else group_size
+    return [(b0, min(b0 + g, batch_size)) for b0 in range(0, batch_size, g)]
+
+
+def sample_rows(
     cfg: CTConfig,
-    heads: nn.ModuleList,
-    features: Sequence[torch.Tensor],
     counts: Sequence[torch.Tensor],
     grids: Sequence[StageGrid],
     confidence: Sequence[torch.Tensor] | None,
+    group_size: int | None,
     process_group: object | None = None,
-) -> GroupResult:
-    """CT loss of one group of G images.
+) -> PaperSamples:
+    """Sample the rows of every group and stage.
 
     Args:
-        features: per used stage ``(G, C_s, h_s, w_s)``.
-        counts: per used stage ``(G, K, h_s, w_s)`` class pixel counts (``patches.py``).
+        counts: per used stage ``(B, K, h_s, w_s)`` class pixel counts (``patches.py``).
         grids: per used stage geometry.
-        confidence: per used stage ``(G, K, h_s, w_s)`` mean class probability, or None.
+        confidence: per used stage ``(B, K, h_s, w_s)`` mean class probability, or None.
+        group_size: images per group (None: one group).
     """
-    kind = PAPER_TERMS[cfg.loss]
     sampler = SAMPLERS[cfg.sampling]
     n_neg = local_negative_budget(cfg.num_negatives, cfg.gather_negatives, process_group)
-    zp, zn, pos_count, neg_count = [], [], [], []
-    for i, (s, feat, cnt, grid) in enumerate(zip(cfg.stages, features, counts, grids, strict=True)):
-        conf = None if confidence is None else confidence[i]
-        smp = sampler(cnt, grid.patch_pixels, cfg.num_positives, n_neg, confidence=conf)
-        P = smp.pos_rows.shape[1]
-        z = project_rows(heads[s], feat, torch.cat([smp.pos_rows, smp.neg_rows], dim=1))
-        zp.append(z[:, :P])
-        zn.append(z[:, P:])
-        pos_count.append(smp.pos_count)
-        neg_count.append(smp.neg_count)
-    # All stages share the sample widths: the loss terms of every (stage, class) run as one batch
-    # of S·K rows (a quarter of the kernel launches of a per-stage loop).
-    S, K = len(cfg.stages), cfg.num_classes
-    zp_all, zn_all = torch.cat(zp), torch.cat(zn)
-    pos_all, neg_all = torch.cat(pos_count), torch.cat(neg_count)
+    bounds = group_bounds(counts[0].shape[0], group_size)
+    batch_index, patch_index, pos_count, neg_count = [], [], [], []
+    P = 0
+    for cnt, grid, i in zip(counts, grids, range(len(counts)), strict=True):
+        b_rows, p_rows, p_count, n_count = [], [], [], []
+        for b0, b1 in bounds:
+            conf = None if confidence is None else confidence[i][b0:b1]
+            smp = sampler(cnt[b0:b1], grid.patch_pixels, cfg.num_positives, n_neg, confidence=conf)
+            P = smp.pos_rows.shape[1]
+            rows = torch.cat([smp.pos_rows, smp.neg_rows], dim=1)  # (K, P + M), flat within the group
+            hw = grid.h * grid.w
+            b_rows.append(torch.div(rows, hw, rounding_mode="floor") + b0)
+            p_rows.append(rows % hw)
+            p_count.append(smp.pos_count)
+            n_count.append(smp.neg_count)
+        batch_index.append(torch.stack(b_rows))
+        patch_index.append(torch.stack(p_rows))
+        pos_count.append(torch.stack(p_count))
+        neg_count.append(torch.stack(n_count))
+    present = torch.stack([counts[0][b0:b1].sum(dim=(0, 2, 3)) > 0 for b0, b1 in bounds])
+    return PaperSamples(
+        batch_index, patch_index, torch.stack(pos_count, 1), torch.stack(neg_count, 1), present, P
+    )
+
+
+def gather_rows(features: Sequence[torch.Tensor], samples: PaperSamples) -> list[torch.Tensor]:
+    """Sampled rows of every stage: ``(B, C_s, h_s, w_s)`` maps → ``(G, K, P + M, C_s)`` rows.
+
+    One advanced-indexing op per stage, reading only the sampled rows; its backward scatters into the
+    map's gradient.
+    """
+    return [
+        f.flatten(2)[bi, :, pi]
+        for f, bi, pi in zip(features, samples.batch_index, samples.patch_index, strict=True)
+    ]
+
+
+def paper_results(
+    cfg: CTConfig,
+    heads: nn.ModuleList,
+    rows: Sequence[torch.Tensor],
+    samples: PaperSamples,
+    process_group: object | None = None,
+) -> GroupResult:
+    """Projection, hard mining and loss terms of every (group, stage, class) in one batch.
+
+    Args:
+        rows: per used stage ``(G, K, P + M, C_s)`` feature rows (:func:`gather_rows`).
+
+    Returns:
+        a :class:`GroupResult` with a leading group dimension G on every field.
+    """
+    kind = PAPER_TERMS[cfg.loss]
+    S, K, P = len(cfg.stages), cfg.num_classes, samples.num_positive_slots
+    z = torch.stack([heads[s](r) for s, r in zip(cfg.stages, rows, strict=True)], dim=1)  # (G, S, K, P+M, d)
+    G = z.shape[0]
+    # Every (group, stage, class) shares the sample widths: the terms run as one batch of G·S·K rows.
+    zp = z[:, :, :, :P].reshape(G * S * K, P, -1)
+    zn = z[:, :, :, P:].reshape(G * S * K, z.shape[3] - P, -1)
+    pos_all, neg_all = samples.pos_count.reshape(-1), samples.neg_count.reshape(-1)
     if cfg.gather_negatives:
-        zn_all, neg_all = gather_negatives(zn_all, neg_all, process_group)
-    out = kind.paper_stage(zp_all, zn_all, pos_all, neg_all, cfg)
-    present = counts[0].sum(dim=(0, 2, 3)) > 0
-    n_present = present.sum().clamp(min=1).to(torch.float32)
+        zn, neg_all = gather_negatives(zn, neg_all, process_group)
+    out = kind.paper_stage(zp, zn, pos_all, neg_all, cfg)
+    n_present = samples.present.sum(-1).clamp(min=1).to(torch.float32)  # (G,)
     return GroupResult(
-        loss=out.loss.sum() / S / n_present,
-        positives=(pos_all * out.active).reshape(S, K).to(torch.float32),
-        negatives=(neg_all * out.active).reshape(S, K).to(torch.float32),
-        pairs=out.pairs.reshape(S, K),
-        terms=out.terms.reshape(S, K, -1).detach(),
-        term_active=out.term_active.reshape(S, K, -1),
-        active=out.active.reshape(S, K),
-        present=present,
+        loss=out.loss.reshape(G, S * K).sum(-1) / S / n_present,
+        positives=(pos_all * out.active).reshape(G, S, K).to(torch.float32),
+        negatives=(neg_all * out.active).reshape(G, S, K).to(torch.float32),
+        pairs=out.pairs.reshape(G, S, K),
+        terms=out.terms.reshape(G, S, K, -1).detach(),
+        term_active=out.term_active.reshape(G, S, K, -1),
+        active=out.active.reshape(G, S, K),
+        present=samples.present,
     )

@@ -1,0 +1,230 @@
+"""CUDA-graph replay of the paper-mode CT loss (``PatchContrastiveLoss(cuda_graph=True)``).
+
+On a GPU the eager paper-mode loss is bound by kernel launches: a few hundred small kernels whose
+launch costs more host time than they take on the device (docs/benchmarks.md, CT loss). A CUDA graph
+records them once and replays them with one launch. The loss is recorded as two graphs around an eager
+gather, so that the graphs never hold a copy of the feature maps:
+
+1. **sampling** (no gradient): mask (and class probabilities) → patch class counts → sampled rows;
+2. eager: ``gather_rows`` reads the sampled rows of every stage's feature map (one indexing op per
+   stage; its backward scatters into the maps' gradients);
+3. **tail** (forward and backward graphs, via :func:`torch.cuda.make_graphed_callables`): projection
+   heads, hard-pair mining, loss terms, clip, weight and packed stats.
+
+Both graphs share one private memory pool. A graph is recorded per input signature (shapes, dtypes,
+``requires_grad``); random draws come from the CUDA generator's graph-safe Philox state, so every replay
+draws afresh and a seeded run is reproducible. Outputs live in the graphs' static buffers and are
+cloned before they are returned (the next replay overwrites them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ctseg.contrastive.distributed import local_negative_budget
+from ctseg.contrastive.paper import PaperSamples, gather_rows, paper_results, sample_rows
+from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means
+
+if TYPE_CHECKING:
+    from ctseg.contrastive.loss import PatchContrastiveLoss
+
+# Recording costs a few warm-up iterations and keeps a private memory pool per signature; a loop whose
+# shapes keep changing is better served by the eager loss.
+MAX_GRAPHS = 4
+
+Signature = tuple[object, ...]
+
+
+def signature(used: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None) -> Signature:
+    """What a recorded graph is specific to: shapes, dtypes, devices and ``requires_grad``."""
+    parts: list[object] = [(tuple(f.shape), f.dtype, f.device, f.requires_grad) for f in used]
+    parts.append((tuple(mask.shape), mask.dtype, mask.device))
+    parts.append(None if probs is None else (tuple(probs.shape), probs.dtype))
+    return tuple(parts)
+
+
+class _GradCopy(torch.autograd.Function):
+    """Identity on the head parameters whose backward hands out fresh gradient tensors.
+
+    The tail graph's parameter gradients are static buffers that the next replay overwrites. Handed
+    to autograd as they are, ``AccumulateGrad`` may adopt a buffer as ``param.grad`` (it does when
+    the gradient is None), and a later replay would then change ``.grad`` behind the optimizer's back
+    (e.g. with gradient accumulation). One fused copy of all of them prevents that.
+    """
+
+    @staticmethod
+    def forward(ctx, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        present = [g for g in grads if g is not None]
+        copies = iter(torch._foreach_mul(present, 1.0)) if present else iter(())
+        return tuple(None if g is None else next(copies) for g in grads)
+
+
+class _StageHeads:
+    """``heads[s](rows)`` with the parameters given as tensors (``torch.func.functional_call``), so
+    that the recorded graph differentiates with respect to those tensors."""
+
+    def __init__(self, heads: nn.ModuleList, params: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.heads, self.params = heads, params
+
+    def __getitem__(self, s: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda rows: torch.func.functional_call(self.heads[s], self.params[s], (rows,))
+
+
+def _head_parameters(loss_fn: PatchContrastiveLoss) -> list[tuple[int, str, nn.Parameter]]:
+    return [(s, name, p) for s in loss_fn.cfg.stages for name, p in loss_fn.heads[s].named_parameters()]
+
+
+def _negative_slots(loss_fn: PatchContrastiveLoss) -> int:
+    cfg = loss_fn.cfg
+    return local_negative_budget(cfg.num_negatives, cfg.gather_negatives, loss_fn.process_group)
+
+
+def _tail_fn(loss_fn: PatchContrastiveLoss) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``(*rows, *params, *sample tensors)`` → ``(loss,)`` or ``(loss, packed stats)``."""
+    S = len(loss_fn.cfg.stages)
+    negative_slots = _negative_slots(loss_fn)
+    names = [(s, name) for s, name, _ in _head_parameters(loss_fn)]
+
+    def tail(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows, params, rest = tensors[:S], tensors[S : S + len(names)], tensors[S + len(names) :]
+        by_stage: dict[int, dict[str, torch.Tensor]] = {s: {} for s in loss_fn.cfg.stages}
+        for (s, name), p in zip(names, params, strict=True):
+            by_stage[s][name] = p
+        samples = PaperSamples.from_tensors(rest, rows[0].shape[-2] - negative_slots)
+        heads = _StageHeads(loss_fn.heads, by_stage)
+        results = paper_results(loss_fn.cfg, heads, rows, samples, loss_fn.process_group)  # type: ignore[arg-type]
+        loss, packed = loss_fn._finish(results)
+        return (loss,) if packed is None else (loss, packed)
+
+    return tail
+
+
+@dataclass
+class SplitPaperLoss:
+    """The paper-mode loss as sampling → eager gather → tail (recorded or not).
+
+    Call with the used stage features, the mask and the probabilities (or None); returns
+    ``(loss, packed stats or None)``, both fresh tensors.
+
+    Attributes:
+        sample: ``(mask[, probs])`` → the :meth:`PaperSamples.tensors` of the sampled rows.
+        tail: ``(*rows, *params, *sample tensors)`` → ``(loss,)`` or ``(loss, packed stats)``.
+        params: the head parameters, in the order ``tail`` takes them.
+    """
+
+    sample: Callable[..., tuple[torch.Tensor, ...]]
+    tail: Callable[..., tuple[torch.Tensor, ...]]
+    params: list[nn.Parameter]
+    negative_slots: int
+    with_probs: bool
+
+    def __call__(
+        self, used: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sample_out = self.sample(mask, *([probs] if self.with_probs else []))
+        rows = gather_rows(used, self.samples(sample_out))
+        out = self.tail(*rows, *_GradCopy.apply(*self.params), *sample_out)
+        # Static buffers when recorded: the next replay overwrites them. The clone keeps the graph.
+        return out[0].clone(), (out[1].clone() if len(out) > 1 else None)
+
+    def samples(self, sample_out: Sequence[torch.Tensor]) -> PaperSamples:
+        return PaperSamples.from_tensors(sample_out, sample_out[0].shape[-1] - self.negative_slots)
+
+
+def _sample_fn(
+    loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid]
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    cfg = loss_fn.cfg
+
+    def sample(mask: torch.Tensor, *probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(device_type=mask.device.type, enabled=False):
+            counts = patch_class_counts(mask, cfg.num_classes, grids)
+            conf = patch_class_means(probs[0].detach(), grids) if probs else None
+            return sample_rows(cfg, counts, grids, conf, loss_fn.group_size, loss_fn.process_group).tensors()
+
+    return sample
+
+
+def split_loss(loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid], with_probs: bool) -> SplitPaperLoss:
+    """The loss in the three parts that :func:`record` records (plain functions, any device)."""
+    params = [p for _, _, p in _head_parameters(loss_fn)]
+    return SplitPaperLoss(
+        _sample_fn(loss_fn, grids), _tail_fn(loss_fn), params, _negative_slots(loss_fn), with_probs
+    )
+
+
+def record(
+    loss_fn: PatchContrastiveLoss,
+    used: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    probs: torch.Tensor | None,
+    grids: Sequence[StageGrid],
+) -> SplitPaperLoss:
+    """Record the sampling and tail graphs for the signature of these CUDA inputs.
+
+    The inputs serve as examples only: the graphs read copies of them, which the replays overwrite.
+    """
+    parts = split_loss(loss_fn, grids, with_probs=probs is not None and loss_fn.cfg.sampling == "confidence")
+    pool = torch.cuda.graph_pool_handle()
+    sample_args = (mask.clone(), *([probs.detach().clone()] if parts.with_probs else []))
+    # Autocast's weight cache cannot be recorded; the loss computes in fp32 with autocast off anyway.
+    with torch.autocast(device_type="cuda", enabled=False):
+        sample = torch.cuda.make_graphed_callables(parts.sample, sample_args, pool=pool)
+        sample_out = sample(*sample_args)  # static outputs: the tail reads them in place (no copy)
+        rows = [
+            r.detach().clone().requires_grad_(f.requires_grad)
+            for r, f in zip(gather_rows(used, parts.samples(sample_out)), used, strict=True)
+        ]
+        # The parameters' own storage is the graph's input (same address on every call: no copy).
+        param_args = [p.detach().requires_grad_(p.requires_grad) for p in parts.params]
+        tail = torch.cuda.make_graphed_callables(
+            parts.tail, (*rows, *param_args, *sample_out), pool=pool, allow_unused_input=True
+        )
+    return dataclasses.replace(parts, sample=sample, tail=tail)
+
+
+class GraphCache:
+    """Recorded graphs per input signature, at most :data:`MAX_GRAPHS`; beyond that, or when recording
+    fails, the caller runs the eager loss (with one warning)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[Signature, SplitPaperLoss | None] = {}
+        self._warned = False
+
+    def get(
+        self,
+        loss_fn: PatchContrastiveLoss,
+        used: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+        probs: torch.Tensor | None,
+        grids: Sequence[StageGrid],
+    ) -> SplitPaperLoss | None:
+        key = signature(used, mask, probs)
+        if key in self.graphs:
+            return self.graphs[key]
+        if len(self.graphs) >= MAX_GRAPHS:
+            self._warn(f"more than {MAX_GRAPHS} input shapes; new shapes run the eager loss")
+            return None
+        try:
+            graphed = record(loss_fn, used, mask, probs, grids)
+        except RuntimeError as err:  # an op that cannot be captured (e.g. a debugging mode): stay correct
+            self._warn(f"recording failed ({err}); this input shape runs the eager loss")
+            graphed = None
+        self.graphs[key] = graphed
+        return graphed
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            warnings.warn(f"CT loss, cuda_graph: {message}", RuntimeWarning, stacklevel=4)
+            self._warned = True

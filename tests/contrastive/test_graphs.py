@@ -1,0 +1,129 @@
+"""The CUDA-graph path of the paper-mode loss (``cuda_graph=True``), the parts that run without a GPU.
+
+Recording and replaying a CUDA graph needs a GPU (tests/contrastive/test_gpu.py). What a graph records
+is checked here: the three parts (sampling → gather → tail, with the head parameters passed as tensors)
+must give the eager loss exactly, with the same stats and the same gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from ctseg.contrastive import PatchContrastiveLoss
+from ctseg.contrastive.graphs import _GradCopy, signature, split_loss
+from ctseg.errors import ConfigError
+from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
+
+
+def _inputs(seed: int, B: int = 4, size: int = 64):
+    mask = blocky_mask(B, size, size, 6, 6, block=8, seed=seed)
+    feats = stage_features(B, size, size, seed)
+    probs = torch.randn(B, 6, size, size, generator=torch.Generator().manual_seed(seed)).softmax(1)
+    return feats, mask, probs
+
+
+def _grads(fn: PatchContrastiveLoss, feats, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in fn.parameters()]
+    return list(torch.autograd.grad(loss, [*feats, *params]))
+
+
+@pytest.mark.parametrize(
+    ("loss", "sampling", "group_size"),
+    [("cl", "random", None), ("infonce", "random", 2), ("cl", "confidence", 2), ("infonce", "confidence", None)],
+)
+def test_split_parts_equal_the_eager_loss(loss, sampling, group_size):
+    """Sampling, eager gather and tail (what the graphs record) = the eager loss: value, stats, gradients."""
+    fn = PatchContrastiveLoss(
+        CHANNELS, 6, 6, loss=loss, sampling=sampling, group_size=group_size, clip=1.0, clip_mode="scale"
+    )
+    feats, mask, probs = _inputs(seed=3)
+    torch.manual_seed(11)
+    ref, ref_stats = fn(feats, mask, probs)
+    ref_grads = _grads(fn, feats, ref)
+    grids = fn._grids(feats, mask)
+    parts = split_loss(fn, grids, with_probs=sampling == "confidence")
+    torch.manual_seed(11)  # the parts draw in the eager order
+    out, packed = parts(feats, mask, probs)
+    assert ref_stats["active"] == 1.0
+    assert out.item() == ref.item()
+    assert packed.tolist() == ref_stats.tensor.tolist()
+    for got, want in zip(_grads(fn, feats, out), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_split_parts_without_stats_return_the_loss_only():
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6, compute_stats=False)
+    feats, mask, _ = _inputs(seed=5)
+    out, packed = split_loss(fn, fn._grids(feats, mask), with_probs=False)(feats, mask, None)
+    assert packed is None and out.requires_grad and torch.isfinite(out)
+
+
+def test_grad_copy_hands_out_fresh_gradients():
+    """The tail graph's parameter gradients are buffers that the next replay overwrites: what reaches
+    ``AccumulateGrad`` must be a copy, or ``param.grad`` could alias the buffer."""
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    static_grad = torch.ones(3, 2)
+
+    class Static(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            return static_grad  # like a recorded graph: always the same buffer
+
+    Static.apply(*_GradCopy.apply(w)).backward()
+    Static.apply(*_GradCopy.apply(w)).backward()  # gradient accumulation over two micro-batches
+    assert w.grad.data_ptr() != static_grad.data_ptr()
+    assert torch.equal(w.grad, 2 * torch.ones(3, 2))
+    static_grad.fill_(5.0)  # a later replay
+    assert torch.equal(w.grad, 2 * torch.ones(3, 2))
+
+
+def test_cuda_graph_on_cpu_runs_the_eager_loss():
+    feats, mask, _ = _inputs(seed=1)
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6)
+    graphed = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True)
+    graphed.load_state_dict(fn.state_dict())
+    torch.manual_seed(0)
+    a, sa = fn(feats, mask)
+    torch.manual_seed(0)
+    b, sb = graphed(feats, mask)
+    assert a.item() == b.item() and dict(sa) == dict(sb) and not graphed._graphs.graphs
+    assert "cuda_graph=True" in repr(graphed)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "reference"}, "needs mode='paper'"),
+        ({"gather_negatives": True}, "gather_negatives"),
+        ({"compile": True}, "one of compile and cuda_graph"),
+    ],
+)
+def test_cuda_graph_rejects_what_it_cannot_record(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True, **kwargs)
+
+
+def test_a_loss_with_cuda_graph_copies_and_pickles_without_its_graphs():
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True)
+    fn._graphs.graphs["fake"] = None  # stands for a recorded graph (not picklable, device-bound)
+    for clone in (copy.deepcopy(fn), pickle.loads(pickle.dumps(fn))):
+        assert clone.cuda_graph and clone._graphs.graphs == {}
+        assert clone.state_dict().keys() == fn.state_dict().keys()
+
+
+def test_a_graph_is_specific_to_shapes_dtypes_and_requires_grad():
+    feats, mask, probs = _inputs(seed=2)
+    base = signature(feats, mask, None)
+    assert signature(feats, mask.clone(), None) == base
+    assert signature([f.detach() for f in feats], mask, None) != base
+    assert signature([f.double() for f in feats], mask, None) != base
+    assert signature(feats, mask[:2], None) != base
+    assert signature(feats, mask, probs) != base
