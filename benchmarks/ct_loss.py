@@ -16,8 +16,8 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
 * ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
   each CT variant. Times are medians of ``--repeats`` steps, configurations interleaved round-robin
-  in one process (so machine noise hits all alike). Peak memory: on CUDA ``max_memory_allocated``;
-  on CPU the peak of live tensor bytes from the CPU allocator's events (``cpu_memory.py``), in a fresh
+  in one process (so machine noise hits all alike). Peak memory, in a fresh subprocess per
+  configuration: on CUDA ``max_memory_allocated`` and ``max_memory_reserved``; on CPU the peak of live tensor bytes from the CPU allocator's events (``cpu_memory.py``), in a fresh
   subprocess per configuration (``--warmup`` then ``--memory-steps`` steps), with that process's peak
   RSS (VmHWM, reset after the warm-up) as a secondary, noisy column.
 """
@@ -206,13 +206,15 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def step_memory_child(
-    config: str, device: torch.device, batch: int, warmup: int = 1, steps: int = 2
-) -> float:
-    """CUDA peak memory (GiB, ``max_memory_allocated``) of training steps of one configuration.
+def step_memory_cuda(config: str, device: torch.device, batch: int, warmup: int = 1, steps: int = 2) -> dict:
+    """CUDA memory of training steps of one configuration (run in a fresh process: ``--memory-child``).
 
-    ``warmup`` steps first; then the peak mark is reset, so set-up does not hide the difference, and
-    ``steps`` are measured.
+    ``warmup`` steps first (incl. recording, for the CUDA-graph variants); then the peak marks are
+    reset, so set-up does not hide the difference, and ``steps`` are measured. ``peak_gib``:
+    ``max_memory_allocated`` (live tensors; a recorded graph's static inputs and outputs count, the
+    blocks of its private pool that it reuses at every replay do not); ``reserved_gib``:
+    ``max_memory_reserved`` (what the process holds from the device, incl. the graphs' pools and the
+    caching allocator's slack).
     """
     step = step_setup(config, device, batch)
     for _ in range(warmup):
@@ -222,7 +224,10 @@ def step_memory_child(
     for _ in range(steps):
         step()
     sync(device)
-    return torch.cuda.max_memory_allocated() / 2**30
+    return {
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
 
 
 def step_memory_cpu(config: str, batch: int, warmup: int = 1, steps: int = 2) -> dict[str, float]:
@@ -320,19 +325,16 @@ def bench_step(
     for c in configs:
         out[c]["time_vs_baseline"] = out[c]["time_s"] / base["time_s"] - 1.0
         out[c]["memory_vs_baseline"] = out[c]["peak_gib"] / base["peak_gib"] - 1.0
-        if "rss_gib" in out[c]:
-            out[c]["rss_vs_baseline"] = out[c]["rss_gib"] / base["rss_gib"] - 1.0
+        for key in ("rss", "reserved"):
+            if f"{key}_gib" in out[c]:
+                out[c][f"{key}_vs_baseline"] = out[c][f"{key}_gib"] / base[f"{key}_gib"] - 1.0
     return out
 
 
 def _step_memory(config: str, device: torch.device, batch: int, warmup: int, steps: int) -> dict[str, float]:
-    if device.type == "cuda":
-        peak = step_memory_child(config, device, batch, warmup, steps)
-        gc.collect()
-        torch.cuda.empty_cache()
-        return {"peak_gib": peak}
-    # CPU: a fresh process per configuration (its allocator events and peak RSS are then its own)
+    # A fresh process per configuration: its allocator (and on CUDA its graph pools) are then its own.
     cmd = [sys.executable, __file__, "--memory-child", config, "--batch", str(batch), "--size", str(SIZE)]
+    cmd += ["--device", str(device)]
     cmd += ["--warmup", str(warmup), "--memory-steps", str(steps), "--threads", str(torch.get_num_threads())]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -366,7 +368,11 @@ def main() -> None:
     global SIZE
     SIZE = args.size
     if args.memory_child:
-        print(json.dumps(step_memory_cpu(args.memory_child, args.batch[0], args.warmup, args.memory_steps)))
+        if device.type == "cuda":
+            res = step_memory_cuda(args.memory_child, device, args.batch[0], args.warmup, args.memory_steps)
+        else:
+            res = step_memory_cpu(args.memory_child, args.batch[0], args.warmup, args.memory_steps)
+        print(json.dumps(res))
         return
     results: dict[str, object] = {"device": str(device), "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -393,6 +399,11 @@ def main() -> None:
                 + (
                     f"   peak RSS (noisy) {r['rss_gib']:6.2f} GiB ({r['rss_vs_baseline']:+6.1%})"
                     if "rss_gib" in r
+                    else ""
+                )
+                + (
+                    f"   reserved {r['reserved_gib']:6.3f} GiB ({r['reserved_vs_baseline']:+6.1%})"
+                    if "reserved_gib" in r
                     else ""
                 )
             )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (≤ 9 minutes in all: the parts' time boxes add up to 525 s). From the repository root:
+# One script for a lent GPU (≤ 12 minutes in all: the parts' time boxes add up to 695 s; run a subset with PARTS). From the repository root:
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh
 # On the workplace's device machine (python3 with torch, no jsonargparse/rasterio, no internet): carry the
 # wheels in .whl/ (jsonargparse, docstring-parser, typeshed-client, rasterio, affine, cligj, click-plugins;
@@ -10,11 +10,13 @@
 #   2. GPU-marked tests (pytest -m gpu)
 #   3. the CT loss benchmark on CUDA (benchmarks/ct_loss.py: loss alone, and the DCPoolFormer step
 #      overhead at B = 8, 512², fp32, incl. the stats read inside the step vs left on the device)
+#   3b. CUDA-graph CT loss diagnostics (benchmarks/ct_graph_check.py: recording under deterministic
+#      algorithms, memory of the graphs, kernels per call, GPU-busy time of a step)
 #   4. bf16 training steps of each paper preset at 512², B = 16, without CT and with CL / InfoNCE:
 #      images/s, time and peak-memory ratios vs the no-CT row (benchmarks/training.py)
 #   5. sliding-window inference on generated 3000² / 6000² GeoTIFFs (benchmarks/inference.py)
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
-# PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all five); PYTEST_ARGS replaces
+# PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
 # the GPU tests' selection (default: `-m gpu tests`).
 set -u
 OUT="${OUT:-gpu-check-out}"
@@ -39,7 +41,7 @@ SUMMARY="$OUT/summary.md"
   echo "|---|---|---|---|"
 } > "$SUMMARY"
 
-PARTS="${PARTS:-env pytest-gpu ct-loss training-bf16 inference}"
+PARTS="${PARTS:-env pytest-gpu ct-loss ct-graph training-bf16 inference}"
 part() {  # part NAME TIMEOUT_S CMD...
   local name="$1" limit="$2"
   shift 2
@@ -61,6 +63,7 @@ part env 30 bash -c "nvidia-smi; $PY -c 'import torch, lightning, timm; print(to
 part pytest-gpu 150 "$PY" -m pytest -q -p no:cacheprovider --timeout=120 ${PYTEST_ARGS:--m gpu tests}
 part ct-loss 150 "$PY" benchmarks/ct_loss.py --device cuda --repeats 10 --warmup 3 --memory-steps 1 \
   --json "$OUT/ct-loss.json"
+part ct-graph 90 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json"
 part training-bf16 110 "$PY" benchmarks/training.py --device cuda --precision bf16 --size 512 --batch 16 \
   --steps 5 --warmup 2  # its table is in the log (the device tool returns at most 8 files)
 part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json"

@@ -33,7 +33,12 @@ def _grads(fn: PatchContrastiveLoss, feats, loss: torch.Tensor) -> list[torch.Te
 
 @pytest.mark.parametrize(
     ("loss", "sampling", "group_size"),
-    [("cl", "random", None), ("infonce", "random", 2), ("cl", "confidence", 2), ("infonce", "confidence", None)],
+    [
+        ("cl", "random", None),
+        ("infonce", "random", 2),
+        ("cl", "confidence", 2),
+        ("infonce", "confidence", None),
+    ],
 )
 def test_split_parts_equal_the_eager_loss(loss, sampling, group_size):
     """Sampling, eager gather and tail (what the graphs record) = the eager loss: value, stats, gradients."""

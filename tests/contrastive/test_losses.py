@@ -55,10 +55,13 @@ def test_info_nce_matches_package_formula():
 def test_hard_pairs_keep_most_and_least_similar():
     sim = torch.tensor([[0.1, 0.9, -0.5, 0.7, 0.3, 0.0]])
     valid = torch.tensor([[True, True, True, True, True, False]])
-    order, keep = hard_pairs(sim, valid, 0.5, most_similar=True)
-    assert order[0, keep[0]].tolist() == [1, 3]  # floor(5·0.5) = 2 most similar valid pairs
-    order, keep = hard_pairs(sim, valid, 0.5, most_similar=False)
-    assert order[0, keep[0]].tolist() == [2, 0]
+    keep = hard_pairs(sim, valid, 0.5, most_similar=True)
+    assert keep[0].nonzero().flatten().tolist() == [1, 3]  # floor(5·0.5) = 2 most similar valid pairs
+    keep = hard_pairs(sim, valid, 0.5, most_similar=False)
+    assert keep[0].nonzero().flatten().tolist() == [0, 2]
+    ties = hard_pairs(torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool), 0.5, most_similar=True)
+    assert ties[0].tolist() == [True, True, False, False]  # stable: ties keep their order
+    assert not hard_pairs(sim, torch.zeros_like(valid), 0.5, most_similar=True).any()
 
 
 def test_clamp_zero_gradient_above_clip_and_scale_keeps_it():

@@ -219,7 +219,9 @@ class GraphCache:
         try:
             graphed = record(loss_fn, used, mask, probs, grids)
         except RuntimeError as err:  # an op that cannot be captured (e.g. a debugging mode): stay correct
-            self._warn(f"recording failed ({err}); this input shape runs the eager loss")
+            self._warn(
+                f"recording failed ({type(err).__name__}: {err}); this input shape runs the eager loss"
+            )
             graphed = None
         self.graphs[key] = graphed
         return graphed

@@ -33,9 +33,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torc
     return total / m.sum(dim).clamp(min=1.0)
 
 
-def hard_pairs(
-    sim: torch.Tensor, valid: torch.Tensor, take_top: float, most_similar: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_pairs(sim: torch.Tensor, valid: torch.Tensor, take_top: float, most_similar: bool) -> torch.Tensor:
     """Naive hard-pair mining: keep the ``take_top`` fraction of the most (or least) similar valid pairs.
 
     Args:
@@ -45,17 +43,18 @@ def hard_pairs(
         most_similar: True for hard negatives (descending), False for hard positives (ascending).
 
     Returns:
-        ``order`` ``(K, n)`` long (pair indices, hardest first; invalid pairs last) and ``keep``
-        ``(K, n)`` bool in that sorted order.
+        ``keep`` ``(K, n)`` bool, in the pairs' own order: the pair is among the hardest. The loss is
+        then a masked mean over all pairs: no gather in sorted order, hence no scatter in the backward
+        (atomics on CUDA, and not recordable in a CUDA graph under deterministic algorithms).
     """
     fill = float("-inf") if most_similar else float("inf")
     key = torch.where(valid, sim.detach(), fill)
-    order = torch.sort(key, dim=-1, descending=most_similar, stable=True).indices
+    order = torch.sort(key, dim=-1, descending=most_similar, stable=True).indices  # hardest first
+    rank = torch.argsort(order, dim=-1)  # position of every pair in that order (sort: deterministic)
     n_valid = valid.sum(-1)
     n_keep = torch.floor(n_valid.to(torch.float64) * take_top).to(torch.long)
     n_keep = torch.where(n_valid > 0, n_keep.clamp(min=1), n_keep)
-    keep = torch.arange(sim.shape[-1], device=sim.device)[None, :] < n_keep[:, None]
-    return order, keep
+    return rank < n_keep[:, None]
 
 
 def info_nce(

@@ -98,25 +98,33 @@ def _pool_to_stage(base: torch.Tensor, grid: StageGrid, g: int) -> torch.Tensor:
 
 
 def _base_counts_packed(mask: torch.Tensor, num_classes: int, g: int, Hb: int, Wb: int) -> torch.Tensor:
-    """Per-class pixel counts of every g×g cell, packing all classes into one int64 per pixel.
+    """Per-class pixel counts of every g×g cell, packing all classes into one integer per pixel.
 
     Pixel of class k ↦ ``1 << (bits·k)`` (anything else ↦ 0); summing a cell adds the per-class
     counts in separate bit fields (a count ≤ g² never carries into the next field), so the pooling
-    reads B·H·W values instead of a K-times larger one-hot. Returns ``(B, K, Hb, Wb)`` int32.
+    reads B·H·W values instead of a K-times larger one-hot. The packed word is int32 when the K fields
+    fit in 31 bits (the usual case: 6 classes of 16-pixel cells take 30), else int64. Per-pixel
+    temporaries: the int64 index and the word (a CUDA-graph pool keeps the peak of what the graph
+    allocates, so it matters beyond the moment).
+    Returns ``(B, K, Hb, Wb)`` int32.
     """
     B, H, W = mask.shape
     bits = (g * g).bit_length()
+    word = torch.int32 if bits * num_classes <= 31 else torch.int64
     # Lookup over clamp(label, -1, K) + 1: negatives → slot 0, classes → 1..K, labels ≥ K → slot K+1.
-    lut = torch.zeros(num_classes + 2, dtype=torch.int64, device=mask.device)
-    lut[1:-1] = torch.ones((), dtype=torch.int64, device=mask.device) << (
-        bits * torch.arange(num_classes, device=mask.device)
+    lut = torch.zeros(num_classes + 2, dtype=word, device=mask.device)
+    lut[1:-1] = torch.ones((), dtype=word, device=mask.device) << (
+        bits * torch.arange(num_classes, dtype=word, device=mask.device)
     )
-    packed = lut[mask.clamp(-1, num_classes).to(torch.int64) + 1]
+    # int64 index: an int32 one is widened to int64 inside the indexing anyway (one more temporary).
+    index = mask.clamp(-1, num_classes).to(torch.int64).add_(1)
+    packed = lut[index]
+    del index
     if (Hb * g, Wb * g) != (H, W):
         packed = F.pad(packed, (0, Wb * g - W, 0, Hb * g - H))
     # Two contiguous reductions (along W, then H) are faster than one over both cell axes.
-    cells = packed.reshape(B, Hb * g, Wb, g).sum(-1).reshape(B, Hb, g, Wb).sum(2)
-    shifts = bits * torch.arange(num_classes, device=mask.device)
+    cells = packed.reshape(B, Hb * g, Wb, g).sum(-1, dtype=word).reshape(B, Hb, g, Wb).sum(2, dtype=word)
+    shifts = bits * torch.arange(num_classes, dtype=word, device=mask.device)
     return ((cells[:, None] >> shifts[None, :, None, None]) & ((1 << bits) - 1)).to(torch.int32)
 
 

@@ -8,7 +8,6 @@ Hard mining follows the paper's text: negative pairs sorted by similarity descen
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,49 +30,32 @@ class StageTerms:
     pairs: torch.Tensor
 
 
-@dataclass
-class _Pairs:
-    sim: torch.Tensor  # (K, n)
-    order: torch.Tensor  # (K, n) hardest first
-    keep: torch.Tensor  # (K, n) bool, in sorted order
-
-
-def _kept_bound(n: int, take_top: float) -> int:
-    """Static upper bound of the number of pairs hard mining keeps out of ``n``."""
-    return 0 if n == 0 else min(n, max(1, math.floor(n * take_top)))
-
-
-def _negative_pairs(zp, zn, pos_count, neg_count, take_top) -> tuple[_Pairs, int]:
+def _negative_pairs(zp, zn, pos_count, neg_count, take_top) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities ``(R, n)`` of the pairs (positive j, negative j) and which are hard (most similar)."""
     n = min(zp.shape[1], zn.shape[1])
     sim = (zp[:, :n] * zn[:, :n]).sum(-1)
     valid = torch.arange(n, device=zp.device)[None, :] < torch.minimum(pos_count, neg_count)[:, None]
-    order, keep = hard_pairs(sim, valid, take_top, most_similar=True)
-    return _Pairs(sim, order, keep), n
+    return sim, hard_pairs(sim, valid, take_top, most_similar=True)
 
 
-def _positive_pairs(zp, pos_count, take_top) -> tuple[_Pairs, int]:
+def _positive_pairs(zp, pos_count, take_top) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities ``(R, h)`` of the pairs (positive 2i, positive 2i+1) and which are hard (least similar)."""
     h = zp.shape[1] // 2
     sim = (zp[:, 0 : 2 * h : 2] * zp[:, 1 : 2 * h : 2]).sum(-1)
     valid = torch.arange(h, device=zp.device)[None, :] < (pos_count // 2)[:, None]
-    order, keep = hard_pairs(sim, valid, take_top, most_similar=False)
-    return _Pairs(sim, order, keep), h
-
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(K, n, d)`` rows by ``index`` ``(K, q)`` → ``(K, q, d)``."""
-    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+    return sim, hard_pairs(sim, valid, take_top, most_similar=False)
 
 
 def cl_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     """CL: mean CL over the hardest negative pairs (label 0) + over the hardest positive pairs (label 1)."""
-    neg, _ = _negative_pairs(zp, zn, pos_count, neg_count, cfg.take_top)
-    pos, _ = _positive_pairs(zp, pos_count, cfg.take_top)
+    neg_sim, neg_keep = _negative_pairs(zp, zn, pos_count, neg_count, cfg.take_top)
+    pos_sim, pos_keep = _positive_pairs(zp, pos_count, cfg.take_top)
     active = (pos_count >= cfg.min_positives) & (neg_count >= cfg.min_negatives)
     pos_active = active & (pos_count >= cfg.min_pair_positives)
-    l_neg = masked_mean(cl_pair_loss(neg.sim.gather(1, neg.order), False, cfg.smoothing), neg.keep)
-    l_pos = masked_mean(cl_pair_loss(pos.sim.gather(1, pos.order), True, cfg.smoothing), pos.keep)
+    l_neg = masked_mean(cl_pair_loss(neg_sim, False, cfg.smoothing), neg_keep)
+    l_pos = masked_mean(cl_pair_loss(pos_sim, True, cfg.smoothing), pos_keep)
     l_neg, l_pos = torch.where(active, l_neg, 0.0), torch.where(pos_active, l_pos, 0.0)
-    pairs = neg.keep.sum(-1) * active + pos.keep.sum(-1) * pos_active
+    pairs = neg_keep.sum(-1) * active + pos_keep.sum(-1) * pos_active
     return StageTerms(
         loss=l_neg + l_pos,
         terms=torch.stack([l_neg, l_pos], -1),
@@ -85,20 +67,22 @@ def cl_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
 
 def infonce_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     """InfoNCE: queries/keys = the hardest (least similar) positive pairs; shared negatives = the
-    negatives of the hardest (most similar) negative pairs; temperature ``cfg.temperature``."""
-    neg, n = _negative_pairs(zp, zn, pos_count, neg_count, cfg.take_top)
-    pos, h = _positive_pairs(zp, pos_count, cfg.take_top)
-    q, m = _kept_bound(h, cfg.take_top), _kept_bound(n, cfg.take_top)
-    pos_idx, neg_idx = pos.order[:, :q], neg.order[:, :m]
-    query = _take(zp[:, 0 : 2 * h : 2], pos_idx)
-    key = _take(zp[:, 1 : 2 * h : 2], pos_idx)
-    negatives = _take(zn[:, :n], neg_idx)
-    loss = info_nce(query, key, pos.keep[:, :q], negatives, neg.keep[:, :m], cfg.temperature)
+    negatives of the hardest (most similar) negative pairs; temperature ``cfg.temperature``.
+
+    All pairs enter the batched products and the masks select the hard ones (the products are
+    ``(R, h, n)`` with h, n ≤ 128 by default: cheaper than gathering the kept rows).
+    """
+    _neg_sim, neg_keep = _negative_pairs(zp, zn, pos_count, neg_count, cfg.take_top)
+    _pos_sim, pos_keep = _positive_pairs(zp, pos_count, cfg.take_top)
+    h, n = pos_keep.shape[1], neg_keep.shape[1]
+    loss = info_nce(
+        zp[:, 0 : 2 * h : 2], zp[:, 1 : 2 * h : 2], pos_keep, zn[:, :n], neg_keep, cfg.temperature
+    )
     need_pos = max(cfg.min_positives, cfg.min_infonce)
     need_neg = max(cfg.min_negatives, cfg.min_infonce)
     active = (pos_count >= need_pos) & (neg_count >= need_neg)
     loss = torch.where(active, loss, 0.0)
-    pairs = pos.keep[:, :q].sum(-1) * (1 + neg.keep[:, :m].sum(-1)) * active
+    pairs = pos_keep.sum(-1) * (1 + neg_keep.sum(-1)) * active
     return StageTerms(loss, loss[:, None], active[:, None], active, pairs.to(torch.float32))
 
 

@@ -1,0 +1,171 @@
+"""Diagnostics of the CUDA-graph CT loss (``cuda_graph=True``) on a GPU. Not a test: figures to read.
+
+Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
+
+    python3 benchmarks/ct_graph_check.py --json ct-graph.json
+
+1. **Recording under deterministic algorithms** (``torch.use_deterministic_algorithms(True)``, as
+   ``ctseg fit --trainer.deterministic true`` sets): recorded, or the fallback warning's text.
+2. **Memory** of the loss alone (B = 8, 512², real Dubai label crops, stage maps 64/128/256/512):
+   allocated and reserved bytes that recording adds, and the peak of a forward + backward, eager vs
+   recorded.
+3. **Kernels**: CUDA kernels per forward + backward and their summed GPU time (torch.profiler),
+   eager vs recorded.
+4. **Step**: a DCPoolFormer training step (B = 8, 512², fp32) without CT and with the recorded CL loss:
+   wall time and summed GPU kernel time per step (wall − kernel time = time the GPU waits for the host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ct_loss import (  # the script's folder
+    CHANNELS,
+    IGNORE,
+    NUM_CLASSES,
+    SIZE,
+    STRIDES,
+    dubai_masks,
+    step_setup,
+)
+from ctseg.contrastive import PatchContrastiveLoss
+
+MiB = 2**20
+
+
+def _inputs(batch: int, device: torch.device):
+    mask = dubai_masks(batch).to(device)
+    g = torch.Generator().manual_seed(0)
+    feats = [
+        torch.randn(batch, c, SIZE // p, SIZE // p, generator=g).to(device).requires_grad_()
+        for c, p in zip(CHANNELS, STRIDES, strict=True)
+    ]
+    return feats, mask
+
+
+def _loss(cuda_graph: bool, device: torch.device, **kw) -> PatchContrastiveLoss:
+    return PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, cuda_graph=cuda_graph, clip=None, **kw).to(
+        device
+    )
+
+
+def deterministic_recording(device: torch.device) -> dict:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    feats, mask = _inputs(2, device)
+    out = {}
+    for loss in ("cl", "infonce"):
+        fn = _loss(True, device, loss=loss)
+        torch.use_deterministic_algorithms(True)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(2):
+                    fn(feats, mask)[0].backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        msgs = [str(w.message) for w in caught if "cuda_graph" in str(w.message)]
+        out[loss] = {"recorded": None not in fn._graphs.graphs.values(), "warnings": msgs}
+    return out
+
+
+def memory(device: torch.device, batch: int = 8) -> dict:
+    out = {}
+    for name, graph in (("eager", False), ("graph", True)):
+        feats, mask = _inputs(batch, device)
+        fn = _loss(graph, device)
+        torch.cuda.synchronize()
+        a0, r0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        fn(feats, mask)[0].backward()  # first call: records
+        torch.cuda.synchronize()
+        a1, r1 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        fn(feats, mask)[0].backward()
+        torch.cuda.synchronize()
+        out[name] = {
+            "after_first_call_allocated_mib": (a1 - a0) / MiB,
+            "after_first_call_reserved_mib": (r1 - r0) / MiB,
+            "peak_over_start_allocated_mib": (torch.cuda.max_memory_allocated() - a0) / MiB,
+            "peak_over_start_reserved_mib": (torch.cuda.max_memory_reserved() - r0) / MiB,
+        }
+        del fn, feats, mask
+        torch.cuda.empty_cache()
+    return out
+
+
+def _kernel_stats(fn, steps: int) -> tuple[float, float]:
+    """Kernels per call and summed kernel time per call (ms) of ``fn``, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels)
+    return len(kernels) / steps, busy_us / 1000 / steps
+
+
+def kernels(device: torch.device, batch: int = 8) -> dict:
+    feats, mask = _inputs(batch, device)
+    out = {}
+    for name, graph in (("eager", False), ("graph", True)):
+        for loss in ("cl", "infonce"):
+            fn = _loss(graph, device, loss=loss)
+            n, busy = _kernel_stats(lambda fn=fn: fn(feats, mask)[0].backward(), 5)
+            out[f"{name}-{loss}"] = {"kernels_per_call": n, "kernel_ms_per_call": busy}
+    return out
+
+
+def step(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
+    out = {}
+    for config in ("baseline", "paper-cl+graph", "paper-cl"):
+        fn = step_setup(config, device, batch)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        n, busy = _kernel_stats(fn, 3)
+        out[config] = {"wall_ms": statistics.median(times) * 1000, "kernel_ms": busy, "kernels": n}
+        del fn
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    res: dict[str, object] = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    for name, part in (
+        ("deterministic", deterministic_recording),
+        ("memory", memory),
+        ("kernels", kernels),
+        ("step", step),
+    ):
+        try:
+            res[name] = part(device)
+        except Exception as exc:  # report and go on: every part is a separate question
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        print(name, json.dumps(res[name], indent=1), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
