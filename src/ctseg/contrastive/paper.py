@@ -70,6 +70,11 @@ def group_bounds(batch_size: int, group_size: int | None) -> list[tuple[int, int
     return [(b0, min(b0 + g, batch_size)) for b0 in range(0, batch_size, g)]
 
 
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    # One group (the default) needs no copy: a view with the group dimension.
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
+
 def sample_rows(
     cfg: CTConfig,
     counts: Sequence[torch.Tensor],
@@ -99,15 +104,16 @@ def sample_rows(
             P = smp.pos_rows.shape[1]
             rows = torch.cat([smp.pos_rows, smp.neg_rows], dim=1)  # (K, P + M), flat within the group
             hw = grid.h * grid.w
-            b_rows.append(torch.div(rows, hw, rounding_mode="floor") + b0)
+            image = torch.div(rows, hw, rounding_mode="floor")
+            b_rows.append(image + b0 if b0 else image)
             p_rows.append(rows % hw)
             p_count.append(smp.pos_count)
             n_count.append(smp.neg_count)
-        batch_index.append(torch.stack(b_rows))
-        patch_index.append(torch.stack(p_rows))
-        pos_count.append(torch.stack(p_count))
-        neg_count.append(torch.stack(n_count))
-    present = torch.stack([counts[0][b0:b1].sum(dim=(0, 2, 3)) > 0 for b0, b1 in bounds])
+        batch_index.append(_stack(b_rows))
+        patch_index.append(_stack(p_rows))
+        pos_count.append(_stack(p_count))
+        neg_count.append(_stack(n_count))
+    present = _stack([counts[0][b0:b1].sum(dim=(0, 2, 3)) > 0 for b0, b1 in bounds])
     return PaperSamples(
         batch_index, patch_index, torch.stack(pos_count, 1), torch.stack(neg_count, 1), present, P
     )

@@ -65,13 +65,16 @@ def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
     return rows if rows.shape[1] == width else torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
 
 
-def _top_rows(keys: torch.Tensor, eligible: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the ``budget`` largest keys among eligible ones, eligible first: ``(K, budget)``, ``(K,)``."""
+def _top_rows(
+    keys: torch.Tensor, eligible: torch.Tensor, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of the ``budget`` largest keys among eligible ones, eligible first: ``(K, budget)``, and
+    per class the valid count ``(K,)`` and the number of eligible rows ``(K,)``."""
     k = min(budget, keys.shape[-1])
     masked = torch.where(eligible, keys, -1.0)
     rows = torch.topk(masked, k, dim=-1, largest=True, sorted=True).indices
     available = eligible.sum(-1)
-    return _pad_columns(rows, budget), torch.clamp(available, max=k)
+    return _pad_columns(rows, budget), torch.clamp(available, max=k), available
 
 
 @register_sampler("random")
@@ -91,9 +94,9 @@ def random_sample(
     """
     pos_mask, neg_mask = candidate_masks(counts, patch_pixels)
     keys = torch.rand(pos_mask.shape, device=counts.device, generator=generator)
-    pos_rows, pos_count = _top_rows(keys, pos_mask, num_positives)
-    neg_rows, neg_count = _top_rows(keys, neg_mask, num_negatives)
-    return StageSample(pos_rows, pos_count, neg_rows, neg_count, pos_mask.sum(-1), neg_mask.sum(-1))
+    pos_rows, pos_count, pos_available = _top_rows(keys, pos_mask, num_positives)
+    neg_rows, neg_count, neg_available = _top_rows(keys, neg_mask, num_negatives)
+    return StageSample(pos_rows, pos_count, neg_rows, neg_count, pos_available, neg_available)
 
 
 @register_sampler("confidence")
@@ -131,5 +134,5 @@ def confidence_sample(
     low = order[:, :h]
     high = order.gather(1, (pos_available[:, None] - 1 - i[None, :]).clamp(min=0))
     pos_rows = _pad_columns(torch.stack([low, high], dim=-1).reshape(K, 2 * h), 2 * (num_positives // 2))
-    neg_rows, neg_count = _top_rows(conf, neg_mask, num_negatives)
-    return StageSample(pos_rows, 2 * half, neg_rows, neg_count, pos_available, neg_mask.sum(-1))
+    neg_rows, neg_count, neg_available = _top_rows(conf, neg_mask, num_negatives)
+    return StageSample(pos_rows, 2 * half, neg_rows, neg_count, pos_available, neg_available)
