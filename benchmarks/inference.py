@@ -268,7 +268,9 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     first and the last forward, waiting for the reader thread / for the write threads (host I/O that
     was not hidden behind the forward); ``tail_s``: from the end of the last forward until the call
     returns (last strip blended, its argmax, last blocks written, files closed and synced), of which
-    ``tail_after_last_block_s`` after the last block was handed to the writers (host I/O only);
+    ``tail_after_last_block_s`` after the last block was handed to the writers (host I/O only; since
+    ``predict_file`` hands the last strip over in blocks of ``FINAL_BLOCK_ROWS`` rows, that is the last
+    of these small blocks: compare ``tail_s`` across versions);
     ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """

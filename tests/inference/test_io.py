@@ -295,3 +295,83 @@ def test_a_failing_writer_leaves_no_partial_output(
             pointwise_net(), src, out, SlidingWindow(window=32, overlap=8), num_classes=5, probs=True
         )
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_png_rows_continued_with_more_give_the_same_bytes_as_one_write(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    monkeypatch.setattr(cio, "_PNG_PIECE", 97)  # pieces that span several of the small writes
+    data = rng.integers(0, 4, (61, 83, 3), dtype=np.uint8)
+    with PNGStreamWriter(tmp_path / "one.png", 83, 61, channels=3, threads=threads) as wr:
+        wr.write(data[:20])
+        wr.write(data[20:])
+    with PNGStreamWriter(tmp_path / "parts.png", 83, 61, channels=3, threads=threads) as wr:
+        wr.write(data[:20])
+        for y in range(20, 61, 3):
+            wr.write(data[y : y + 3], more=y + 3 < 61)
+    assert (tmp_path / "parts.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "parts.png")), data)
+    unfinished = PNGStreamWriter(tmp_path / "x.png", 83, 2, channels=3)
+    unfinished.write(data[:2], more=True)
+    with pytest.raises(RuntimeError, match="more=True"):
+        unfinished.close()
+
+
+@pytest.mark.parametrize(
+    ("suffix", "probs"), [(".tif", False), (".png", False), (".tif", True), (".png", True)]
+)
+def test_last_strip_written_in_small_blocks_gives_identical_files(
+    tmp_path: Path, smooth_image: np.ndarray, monkeypatch: pytest.MonkeyPatch, suffix: str, probs: bool
+) -> None:
+    # Labels and colours: the last strip goes to the writers in blocks of FINAL_BLOCK_ROWS, and the files
+    # are byte for byte those of one block. With probabilities it stays one block (softmax rounds by
+    # block shape), so they are identical too.
+    import ctseg.inference.predict as cpredict
+
+    src = tmp_path / f"s{suffix}"
+    if suffix == ".tif":
+        write_geotiff(src, smooth_image)
+    else:
+        Image.fromarray(smooth_image).save(src)
+    monkeypatch.setattr(cio, "_PNG_PIECE", 1000)  # PNG pieces that span the small final blocks
+    model = pointwise_net(5)
+    blocks = {"n": 0}
+    start_copy = cpredict._start_copy
+
+    def counting(*a: object, **k: object) -> object:
+        blocks["n"] += 1
+        return start_copy(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpredict, "_start_copy", counting)
+    outputs, counts = [], []
+    for rows in (10**6, 7, 1):  # one final block (as before the split existed), blocks of 7 rows, of 1
+        monkeypatch.setattr(cpredict, "FINAL_BLOCK_ROWS", rows)
+        blocks["n"] = 0
+        res = predict_file(
+            model, src, tmp_path / f"out{rows}", SETTINGS, num_classes=5, colors=COLORS, probs=probs
+        )
+        outputs.append({k: p.read_bytes() for k, p in res.outputs.items()})
+        counts.append(blocks["n"])
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert counts[0] == counts[1] == counts[2] if probs else counts[0] < counts[1] < counts[2]
+
+
+def test_a_writer_that_cannot_be_opened_leaves_no_partial_output(
+    tmp_path: Path, smooth_image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writers are opened in a background thread while the first strip is computed: their error is
+    # still the one raised, and no file is left behind.
+    import ctseg.inference.predict as cpredict
+
+    class Broken(NpyStreamWriter):
+        def __init__(self, *a: object, **k: object) -> None:
+            raise OutputError("probs: cannot create")
+
+    monkeypatch.setattr(cpredict, "NpyStreamWriter", Broken)
+    src = tmp_path / "t.png"
+    Image.fromarray(smooth_image).save(src)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="probs: cannot create"):
+        predict_file(pointwise_net(), src, out, SETTINGS, num_classes=5, probs=True)
+    assert list(out.iterdir()) == []

@@ -13,6 +13,9 @@ from ctseg.inference.io import ArrayReader
 from ctseg.inference.sliding import (
     MIN_WEIGHT,
     SlidingWindow,
+    _accumulate,
+    _first_strip_halves,
+    _load_strip,
     axis_grid,
     blend_weights,
     iter_blended_rows,
@@ -215,3 +218,61 @@ def test_strips_are_reflect_padded_like_numpy(
         strip = _load_strip(reader, gy, gx, y).numpy()
         assert strip.dtype == np.uint16
         np.testing.assert_array_equal(strip, ref[:, y : y + window])
+
+
+@pytest.mark.parametrize(
+    ("window", "overlap", "batch"),
+    [(32, 8, 3), (32, 0, 4), (40, 30, 5), (24, 12, 16), (16, 15, 2), (9, 4, 1)],
+)
+def test_batched_blending_equals_the_per_window_loop_bit_for_bit(
+    window: int, overlap: int, batch: int
+) -> None:
+    # One addcmul_ per column segment and batch must add exactly what one addcmul_ per window added, in
+    # the same order per element (also where three or more windows overlap: overlap > window / 2).
+    stride, n = window - overlap, 7
+    gen = torch.Generator().manual_seed(0)
+    acc0 = torch.randn(3, window, (n - 1) * stride + window, generator=gen)  # rows carried from above
+    logits = torch.randn(n, 3, window, window, generator=gen)
+    weight = blend_weights(window, overlap, "gaussian")
+    ref = acc0.clone()
+    for i in range(n):
+        ref[:, :, i * stride : i * stride + window].addcmul_(logits[i], weight)
+    got = acc0.clone()
+    for b0 in range(0, n, batch):
+        _accumulate(got, logits[b0 : b0 + batch], weight, b0 * stride, stride)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("final_rows", [1, 5, 64])
+def test_last_strip_in_smaller_blocks_covers_the_scene_once_with_the_same_values(
+    rng: np.random.Generator, final_rows: int
+) -> None:
+    img = rng.integers(0, 256, (77, 101, 3), dtype=np.uint8)
+    net = conv_net(4)
+    settings_ = SlidingWindow(window=32, overlap=8, batch_size=3)
+    whole = list(iter_blended_rows(net, ArrayReader(img), settings_))
+    split = list(iter_blended_rows(net, ArrayReader(img), settings_, final_block_rows=final_rows))
+    y = 0
+    for y0, block in split:  # contiguous, in order, each row once
+        assert y0 == y
+        y += block.shape[1]
+    assert y == 77
+    # Only the last strip is split, into blocks of at most final_rows rows.
+    assert [y0 for y0, _ in split[: len(whole) - 1]] == [y0 for y0, _ in whole[:-1]]
+    last = [b for y0, b in split if y0 >= whole[-1][0]]
+    assert len(last) == -(-whole[-1][1].shape[1] // final_rows)
+    assert all(b.shape[1] <= final_rows for b in last)
+    assert torch.equal(torch.cat([b for _, b in split], 1), torch.cat([b for _, b in whole], 1))
+
+
+@pytest.mark.parametrize("height", [20, 77])
+def test_strip_read_in_parts_equals_the_whole_strip(rng: np.random.Generator, height: int) -> None:
+    img = rng.integers(0, 256, (height, 33, 3), dtype=np.uint8)
+    gy, gx = SlidingWindow(window=32, overlap=8).grids(height, 33)
+    reader = ArrayReader(img)
+    for y in (gy.starts[0], gy.starts[-1]):  # reflected rows at the top and at the bottom
+        whole = _load_strip(reader, gy, gx, y)
+        for ranges in (_first_strip_halves(32), [(0, 7), (7, 32)]):
+            parts = [_load_strip(reader, gy, gx, y, False, a, b) for a, b in ranges]
+            assert torch.equal(torch.cat(parts, 1), whole)
+    assert _first_strip_halves(1) == [(0, 1)]

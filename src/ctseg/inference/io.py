@@ -19,7 +19,7 @@ import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -430,6 +430,8 @@ class PNGStreamWriter(RowWriter):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self._threads = threads or min(8, cpus)
         self._pool: ThreadPoolExecutor | None = None
+        self._chunk: list[Future[bytes]] = []  # compressed pieces of the IDAT chunk being built
+        self._carry = b""  # filtered bytes of that chunk not yet making a whole piece
         self._fh = open(self.path, "wb")  # noqa: SIM115 -- closed in close()
         colour_type = 3 if palette is not None else (0 if channels == 1 else 2)
         self._fh.write(b"\x89PNG\r\n\x1a\n")
@@ -438,7 +440,14 @@ class PNGStreamWriter(RowWriter):
             self._fh.write(_png_chunk(b"PLTE", bytes(int(v) for c in palette for v in c)))
         self._pending_header = True
 
-    def write(self, rows: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, more: bool = False) -> None:
+        """Append ``(h, W)`` / ``(h, W, 3)`` rows.
+
+        Each call normally ends one IDAT chunk. With ``more=True`` the chunk goes on in the next call:
+        the rows of consecutive calls ending with one ``more=False`` call give exactly the bytes of one
+        call with all of them (the same 1 MiB pieces), while every piece is compressed as soon as its
+        bytes are in. A producer can so hand over a large block in parts without changing the file.
+        """
         rows = np.asarray(rows, dtype=np.uint8)
         h = rows.shape[0]
         flat = rows.reshape(h, self.width * self.channels)
@@ -448,18 +457,34 @@ class PNGStreamWriter(RowWriter):
         data[:, 1:] = flat
         view = memoryview(data.reshape(-1))
         self._adler = zlib.adler32(view, self._adler)
-        pieces = [view[i : i + _PNG_PIECE] for i in range(0, len(view), _PNG_PIECE)]
-        if len(pieces) > 1 and self._threads > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="ctseg-png")
-            out = list(self._pool.map(_deflate_piece, pieces, [self.level] * len(pieces)))
-        else:
-            out = [_deflate_piece(p, self.level) for p in pieces]
-        payload = b"".join(out)
+        if self._carry:  # the unfinished piece of the previous call(s) of this chunk comes first
+            view = memoryview(self._carry + view.tobytes())
+            self._carry = b""
+        end = len(view) if not more else len(view) - len(view) % _PNG_PIECE
+        pieces = [view[i : min(i + _PNG_PIECE, end)] for i in range(0, end, _PNG_PIECE)]
+        if more:
+            self._carry = view[end:].tobytes()
+        # A chunk of one piece is compressed right here (no pool for small images); the pieces of a
+        # larger or unfinished chunk in parallel (the bytes are the same either way).
+        parallel = self._threads > 1 and (more or bool(self._chunk) or len(pieces) > 1)
+        if parallel and self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="ctseg-png")
+        for piece in pieces:
+            if parallel:
+                assert self._pool is not None
+                self._chunk.append(self._pool.submit(_deflate_piece, piece, self.level))
+            else:
+                done: Future[bytes] = Future()
+                done.set_result(_deflate_piece(piece, self.level))
+                self._chunk.append(done)
+        self._rows += h
+        if more:
+            return
+        payload = b"".join(f.result() for f in self._chunk)
+        self._chunk = []
         if self._pending_header:
             payload, self._pending_header = _ZLIB_HEADER + payload, False
         self._fh.write(_png_chunk(b"IDAT", payload))
-        self._rows += h
 
     def close(self) -> None:
         if self._fh.closed:
@@ -469,6 +494,8 @@ class PNGStreamWriter(RowWriter):
                 self._pool.shutdown()
             if self._rows != self.height:
                 raise RuntimeError(f"{self.path}: wrote {self._rows} of {self.height} rows")
+            if self._chunk or self._carry:
+                raise RuntimeError(f"{self.path}: the last rows were written with more=True")
             tail = zlib.compressobj(self.level, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)  # final empty block
             header = _ZLIB_HEADER if self._pending_header else b""
             self._fh.write(_png_chunk(b"IDAT", header + tail + struct.pack(">I", self._adler & 0xFFFFFFFF)))

@@ -14,9 +14,10 @@ All of them are written to temporary files and renamed into place together at th
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,6 @@ from ctseg.inference.io import (
     check_output_dir,
     gdal_env,
     open_scene,
-    writers,
 )
 from ctseg.inference.sliding import ProgressFn, SlidingWindow, iter_blended_rows
 
@@ -77,6 +77,14 @@ def output_names(stem: str, georeferenced: bool, probs: bool) -> dict[str, str]:
 # one slow write (a loaded disk) does not yet hold up the device.
 WRITE_BEHIND = 2
 
+# The last strip (up to a whole window of rows, all finished by the last forward) is handed to the
+# writers in blocks of this many rows: its first rows are compressed and written while the rest are
+# still being reduced, instead of all of them after all of it. A quarter of a GeoTIFF tile row: small
+# enough to start early, large enough that the per-block costs (a copy, an event, a task per file) stay
+# negligible. Only for labels and colours (exact operations per pixel); probabilities are written as
+# before, the last strip as one block.
+FINAL_BLOCK_ROWS = 64
+
 
 @dataclass
 class _HostBlock:
@@ -116,10 +124,15 @@ def _start_copy(block: torch.Tensor, probs: bool) -> _HostBlock:
     return _HostBlock(host, ready)
 
 
-def _write(writer: RowWriter, block: _HostBlock, key: str, target: Path) -> None:
+def _write(writer: RowWriter, block: _HostBlock, key: str, target: Path, more: bool = False) -> None:
+    """Write one block; ``more``: the next block continues it (a PNG keeps building the same chunk, so
+    that the file is the same as if both had come as one block)."""
     rows = block.get("labels" if key == "color" else key)
     try:
-        writer.write(rows)
+        if more and isinstance(writer, PNGStreamWriter):
+            writer.write(rows, more=True)
+        else:
+            writer.write(rows)
     except OSError as exc:  # disk full, quota, I/O error: the user's output location, not a bug
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
@@ -182,53 +195,127 @@ def predict_file(
         geo = reader.georef is not None
         names = output_names(Path(input_path).stem, geo, probs)
         result = PredictedFile(Path(input_path), h, w, georeferenced=geo)
+        gy, _ = settings.grids(h, w)
+        final_start = max(gy.starts[-1], gy.pad_before) - gy.pad_before  # scene row of the last strip's rows
         with OutputSet(out_dir) as out:
-            items: dict[str, RowWriter] = {}
-            if geo:
-                items["labels"] = GeoTIFFWriter(
-                    out.path(names["labels"]), w, h, 1, np.uint8, reader.georef, palette
-                )
-            else:
-                items["labels"] = PNGStreamWriter(out.path(names["labels"]), w, h, channels=1)
-            items["color"] = PNGStreamWriter(out.path(names["color"]), w, h, channels=1, palette=palette)
-            if probs and geo:
-                items["probs"] = GeoTIFFWriter(
-                    out.path(names["probs"]),
-                    w,
-                    h,
-                    num_classes,
-                    np.float32,
-                    reader.georef,
-                    band_names=class_names,
-                )
-            elif probs:
-                items["probs"] = NpyStreamWriter(out.path(names["probs"]), w, h, num_classes)
-            lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in items}
-            in_flight: deque[list[Future[None]]] = deque()
-            with writers(*items.values()):
+            paths = {k: out.path(v) for k, v in names.items()}  # temporary files, created here (cheap)
+            spec = _WriterSpec(paths, w, h, num_classes, reader.georef, palette, class_names)
+            # The writers (GDAL creates the GeoTIFFs) open in the background: the first strip is read
+            # and its forward queued meanwhile, and they are only needed for the first finished block.
+            with _opened_in_background(spec) as opening:
+                lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in names}
+                in_flight: deque[list[Future[None]]] = deque()
+                items: dict[str, RowWriter] | None = None
                 try:
                     # Write-behind, one thread per file: a block is compressed and written while the
                     # next ones are computed (zlib and GDAL release the GIL).
-                    for _, block in iter_blended_rows(
-                        model, reader, settings, normalization=normalization, device=device, progress=progress
+                    for y0, block in iter_blended_rows(
+                        model,
+                        reader,
+                        settings,
+                        normalization=normalization,
+                        device=device,
+                        progress=progress,
+                        # Not with probabilities: softmax rounds its last bits differently by block
+                        # shape (vector / scalar tails), and the files must not depend on the split.
+                        final_block_rows=None if probs else FINAL_BLOCK_ROWS,
                     ):
                         if block.shape[0] != num_classes:
                             raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
-                        host = _start_copy(block, "probs" in items)
+                        rows = block.shape[1]
+                        host = _start_copy(block, probs)
                         del block
-                        if len(in_flight) >= WRITE_BEHIND:
+                        if items is None:
+                            items = opening.result()
+                        final = y0 >= final_start
+                        # Blocks of the last strip are not held back: together they are at most one
+                        # window of rows, and after the last forward nothing else needs the host.
+                        if not final and len(in_flight) >= WRITE_BEHIND:
                             for f in in_flight.popleft():
                                 f.result()
+                        more = final and y0 + rows < h  # the next block continues this one's strip
                         in_flight.append(
-                            [lanes[k].submit(_write, items[k], host, k, out_dir / names[k]) for k in items]
+                            [
+                                lanes[k].submit(_write, items[k], host, k, out_dir / names[k], more)
+                                for k in items
+                            ]
                         )
-                    # The last blocks and the closing (final tiles, PNG trailer) of all files in parallel.
+                    # The last blocks and the closing (final tiles, PNG trailer, fsync) of all files run
+                    # in parallel, one lane per file; waiting for them in any order takes the longest.
+                    assert items is not None
                     closing = [lanes[k].submit(_close, items[k], out_dir / names[k]) for k in items]
                     for f in [f for fs in in_flight for f in fs] + closing:
                         f.result()
                 finally:
-                    # No writer may be closed (by `writers`, also after an error) while a lane writes to it.
+                    # No writer may be closed (after an error, by `_opened_in_background`) while a lane
+                    # writes to it.
                     for lane in lanes.values():
                         lane.shutdown(wait=True, cancel_futures=True)
             result.outputs = {k: out_dir / v for k, v in names.items()}
     return result
+
+
+@dataclass
+class _WriterSpec:
+    """What the writers of one input need; ``open()`` creates them, ``{key: writer}``."""
+
+    paths: dict[str, Path]
+    width: int
+    height: int
+    num_classes: int
+    georef: dict | None
+    palette: list[tuple[int, ...]]
+    class_names: Sequence[str] | None
+
+    def open(self) -> dict[str, RowWriter]:
+        w, h, geo, paths = self.width, self.height, self.georef is not None, self.paths
+        items: dict[str, RowWriter] = {}
+        try:
+            with gdal_env():  # rasterio's GDAL settings are per thread
+                if geo:
+                    items["labels"] = GeoTIFFWriter(
+                        paths["labels"], w, h, 1, np.uint8, self.georef, self.palette
+                    )
+                else:
+                    items["labels"] = PNGStreamWriter(paths["labels"], w, h, channels=1)
+                items["color"] = PNGStreamWriter(paths["color"], w, h, channels=1, palette=self.palette)
+                if "probs" in paths and geo:
+                    items["probs"] = GeoTIFFWriter(
+                        paths["probs"],
+                        w,
+                        h,
+                        self.num_classes,
+                        np.float32,
+                        self.georef,
+                        band_names=self.class_names,
+                    )
+                elif "probs" in paths:
+                    items["probs"] = NpyStreamWriter(paths["probs"], w, h, self.num_classes)
+        except BaseException:
+            _close_quietly(items.values())
+            raise
+        return items
+
+
+def _close_quietly(items: Iterable[RowWriter]) -> None:
+    for writer in items:
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+@contextlib.contextmanager
+def _opened_in_background(spec: _WriterSpec) -> Iterator[Future[dict[str, RowWriter]]]:
+    """``spec.open()`` in a background thread; yields its future.
+
+    On an error in the block the writers are closed quietly (whether or not anybody took them from the
+    future yet), so that the first error is the one raised and :class:`OutputSet` can delete the files.
+    On success the caller has closed them (``_close``, with its fsync, in the write lanes).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="ctseg-open") as pool:
+        opening = pool.submit(spec.open)
+        try:
+            yield opening
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                _close_quietly(opening.result().values())
+            raise

@@ -256,6 +256,7 @@ def iter_blended_rows(
     normalization: dict[str, Sequence[float]] | None = None,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
+    final_block_rows: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Blend window logits over a scene, yielding finished row blocks top to bottom.
 
@@ -275,6 +276,11 @@ def iter_blended_rows(
         normalization: ``{"mean", "std"}`` on the 0-1 scale; ``None`` = only divide by ``reader.input_max``.
         device: where the model runs (default: the model's device).
         progress: called with ``(windows_done, windows_total)``.
+        final_block_rows: yield the last strip's rows (up to a whole window) in blocks of at most this
+            many rows instead of one block. Everything after the last forward is on the critical path;
+            smaller final blocks let a consumer write the first of them while the rest are still being
+            divided and reduced (see :func:`~ctseg.inference.predict.predict_file`). Values are the same
+            either way (every operation after the blending is per pixel).
 
     Yields:
         ``(y0, logits)``: scene row ``y0`` and the blended logits ``(K, h, W)`` float32 of rows
@@ -307,26 +313,43 @@ def iter_blended_rows(
     stack_buf = torch.empty(
         min(settings.batch_size, len(gx.starts)), 3, win, win, dtype=torch.float32, device=device
     )
+    n_cols = len(gx.starts)
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-read") as pool:
         # Read ahead while strips are computed (GDAL and numpy release the GIL). One thread, because a
         # rasterio dataset must not be read from two threads at once.
-        pending: deque[Future[torch.Tensor]] = deque(
-            pool.submit(_load_strip, reader, gy, gx, y, pin) for y in gy.starts[:PREFETCH_STRIPS]
-        )
+        pending: deque[Future[torch.Tensor]] = deque()
         for r, y in enumerate(gy.starts):
-            band = pending.popleft().result()  # (3, win, Wp) raw pixels, reflect-padded
-            if r + PREFETCH_STRIPS < len(gy.starts):
-                pending.append(pool.submit(_load_strip, reader, gy, gx, gy.starts[r + PREFETCH_STRIPS], pin))
-            norm(band.to(device, non_blocking=True)[None], out=strip[None])  # (3, win, Wp) float32
-            del band  # the pinned block returns to torch's host cache once the copy is done
+            if r == 0:
+                # Head: nothing runs before the first strip is in, so it is read in two row halves; the
+                # first half is uploaded and normalised while the reader thread reads the second.
+                halves = _first_strip_halves(win)
+                parts = [pool.submit(_load_strip, reader, gy, gx, y, pin, a, b) for a, b in halves]
+                for (a, b), part in zip(halves, parts, strict=True):
+                    band = part.result()  # (3, b - a, Wp) raw pixels, reflect-padded
+                    norm(band.to(device, non_blocking=True)[None], out=strip[None, :, a:b])
+                    del band
+                # The read-ahead starts only now: until the first forward is queued the host's cores
+                # are better spent on the first strip than on strips that are not needed yet.
+                pending.extend(
+                    pool.submit(_load_strip, reader, gy, gx, ys, pin)
+                    for ys in gy.starts[1 : 1 + PREFETCH_STRIPS]
+                )
+            else:
+                band = pending.popleft().result()  # (3, win, Wp) raw pixels, reflect-padded
+                if r + PREFETCH_STRIPS < len(gy.starts):
+                    pending.append(
+                        pool.submit(_load_strip, reader, gy, gx, gy.starts[r + PREFETCH_STRIPS], pin)
+                    )
+                norm(band.to(device, non_blocking=True)[None], out=strip[None])  # (3, win, Wp) float32
+                del band  # the pinned block returns to torch's host cache once the copy is done
             # All windows of the strip as one strided view (n, 3, win, win): window i starts at column
             # i * stride, exactly gx.starts. Copying a batch of them is one kernel; stacking the slices
             # one by one costs a parallel region each, which on a busy CPU is several times slower.
             windows = strip.unfold(2, win, stride).permute(2, 0, 1, 3)
-            for b0 in range(0, len(gx.starts), settings.batch_size):
-                xs = gx.starts[b0 : b0 + settings.batch_size]
-                batch = stack_buf[: len(xs)].copy_(windows[b0 : b0 + len(xs)])  # (B, 3, win, win)
+            for b0 in range(0, n_cols, settings.batch_size):
+                n = min(settings.batch_size, n_cols - b0)
+                batch = stack_buf[:n].copy_(windows[b0 : b0 + n])  # (B, 3, win, win)
                 logits = model(batch)
                 if logits.shape[-2:] != (win, win):
                     raise RuntimeError(
@@ -335,9 +358,8 @@ def iter_blended_rows(
                 logits = logits.to(torch.float32)
                 if acc is None:
                     acc = torch.zeros(logits.shape[1], win, gx.padded, dtype=torch.float32, device=device)
-                for i, x in enumerate(xs):
-                    acc[:, :, x : x + win].addcmul_(logits[i], weight)
-                done += len(xs)
+                _accumulate(acc, logits, weight, gx.starts[b0], stride)
+                done += n
                 if progress is not None:
                     progress(done, total)
             assert acc is not None
@@ -346,31 +368,82 @@ def iter_blended_rows(
             # Padded rows [y, y + finished) -> scene rows, cropped to the scene.
             p0 = max(y, gy.pad_before)
             p1 = min(y + finished, gy.pad_before + height)
-            if p1 > p0:
-                a, b = p0 - y, p1 - y
-                wsum = row_sum[p0:p1, None] * col_sum[None, :]  # (h, W)
-                yield p0 - gy.pad_before, acc[:, a:b, gx.pad_before : gx.pad_before + width] / wsum
+            step = final_block_rows if last and final_block_rows else p1 - p0
+            for q0 in range(p0, p1, max(step, 1)):
+                q1 = min(q0 + step, p1)
+                a, b = q0 - y, q1 - y
+                wsum = row_sum[q0:q1, None] * col_sum[None, :]  # (h, W)
+                yield q0 - gy.pad_before, acc[:, a:b, gx.pad_before : gx.pad_before + width] / wsum
             if not last:
                 keep = win - stride
-                acc[:, :keep] = acc[:, stride:].clone()
+                # The rows still open move to the top; the source rows [stride, win) and the target rows
+                # [0, keep) are disjoint when keep <= stride, so no temporary copy is needed then.
+                src = acc[:, stride:]
+                acc[:, :keep] = src if keep <= stride else src.clone()
                 acc[:, keep:].zero_()
 
 
-def _load_strip(reader: SceneReader, gy: AxisGrid, gx: AxisGrid, y: int, pin: bool = False) -> torch.Tensor:
-    """Raw pixels of padded rows ``[y, y + window)`` over the padded width, ``(3, window, W_pad)``.
+def _first_strip_halves(window: int) -> list[tuple[int, int]]:
+    """Row ranges ``[(0, h), (h, window)]`` in which the first strip is read (one range for tiny windows)."""
+    half = window // 2
+    return [(0, half), (half, window)] if half > 0 else [(0, window)]
+
+
+def _accumulate(acc: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, x0: int, stride: int) -> None:
+    """``acc[:, :, x:x + win] += logits[i] * weight`` for the windows ``x = x0 + i * stride`` of one batch.
+
+    ``acc`` is ``(K, win, Wp)``, ``logits`` ``(B, K, win, win)``, ``weight`` ``(win, win)``. Instead of one
+    ``addcmul_`` per window (B kernel launches), each window is cut into column segments of ``stride``
+    columns (the last one shorter), and segment ``s`` of all B windows is added by one ``addcmul_`` on a
+    strided view of ``acc``: the segments ``s`` of consecutive windows are the consecutive, disjoint
+    column tiles ``[x0 + (i + s) * stride, + stride)``, so each of these ops writes every element at
+    most once. That is ``ceil(win / stride)`` launches per batch (2 for 512 / 128) whatever B is.
+
+    Bit-identical to the per-window loop: every element gets the same ``acc + logit * weight`` in the
+    same order. A column in tile ``t`` receives segment ``t - i`` of window ``i``, so windows in
+    ascending order means segments in *descending* order, which is the order of the passes below.
+    (Earlier batches are complete before this one starts, as before.)
+    """
+    k, win, _ = acc.shape
+    b = logits.shape[0]
+    row_stride, col_stride = acc.stride(1), acc.stride(2)
+    assert col_stride == 1 and acc.stride(0) == win * row_stride, "acc must be contiguous"
+    for c0 in reversed(range(0, win, stride)):
+        c1 = min(c0 + stride, win)
+        # (B, K, win, c1 - c0) view of acc: window i's columns [c0, c1), i.e. absolute x0 + i*stride + c0.
+        view = acc.as_strided(
+            (b, k, win, c1 - c0),
+            (stride, acc.stride(0), row_stride, 1),
+            acc.storage_offset() + x0 + c0,
+        )
+        view.addcmul_(logits[:, :, :, c0:c1], weight[:, c0:c1])
+
+
+def _load_strip(
+    reader: SceneReader,
+    gy: AxisGrid,
+    gx: AxisGrid,
+    y: int,
+    pin: bool = False,
+    r0: int = 0,
+    r1: int | None = None,
+) -> torch.Tensor:
+    """Raw pixels of padded rows ``[y + r0, y + r1)`` (default: the whole strip ``[y, y + window)``)
+    over the padded width, ``(3, r1 - r0, W_pad)``.
 
     Reflect padding as :func:`reflect_index` (numpy's ``"reflect"``; one column: repeated). With
     ``pin`` the strip is assembled directly in page-locked memory, ready for an asynchronous copy.
     """
-    rows = reflect_index(np.arange(y, y + gy.window) - gy.pad_before, gy.length)
+    r1 = gy.window if r1 is None else r1
+    rows = reflect_index(np.arange(y + r0, y + r1) - gy.pad_before, gy.length)
     lo, hi = int(rows.min()), int(rows.max()) + 1
     band = reader.read_rows(lo, hi)  # (3, hi - lo, W)
-    if hi - lo != gy.window or rows[0] != lo or rows[-1] != hi - 1:  # reflected rows at the top / bottom
+    if hi - lo != len(rows) or rows[0] != lo or rows[-1] != hi - 1:  # reflected rows at the top / bottom
         band = np.take(band, rows - lo, axis=1)
     c, w, pb = band.shape[0], gx.length, gx.pad_before
     dtype = torch.from_numpy(np.empty(0, dtype=band.dtype)).dtype  # the torch twin of the raw pixel type
-    out_t = torch.empty((c, gy.window, gx.padded), dtype=dtype, pin_memory=pin)
-    out = out_t.numpy()  # (3, window, Wp), sharing memory with out_t
+    out_t = torch.empty((c, len(rows), gx.padded), dtype=dtype, pin_memory=pin)
+    out = out_t.numpy()  # (3, r1 - r0, Wp), sharing memory with out_t
     # One pass over the pixels: the scene columns are copied in place, only the margins are gathered.
     out[:, :, pb : pb + w] = band
     cols = gx.source_index()
