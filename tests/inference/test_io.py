@@ -375,3 +375,43 @@ def test_a_writer_that_cannot_be_opened_leaves_no_partial_output(
     with pytest.raises(OutputError, match="probs: cannot create"):
         predict_file(pointwise_net(), src, out, SETTINGS, num_classes=5, probs=True)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("budget", "bound"), [(0, 2), (2**30, None)])
+def test_blocks_ahead_of_slow_writers_are_bounded_by_the_byte_budget(
+    tmp_path: Path, smooth_image: np.ndarray, monkeypatch, budget: int, bound: int | None
+) -> None:
+    """The host runs ahead of the writers by at most ``WRITE_BEHIND`` blocks, or more while their
+    host copies fit ``WRITE_BEHIND_BYTES`` (bounded memory, writers' jitter absorbed). Outputs are
+    the same either way."""
+    from ctseg.inference import predict as cpred
+
+    started, written, ahead = [0], [0], []
+    real_start, real_write = cpred._start_copy, cpred._write
+
+    def start(*args, **kwargs):
+        started[0] += 1
+        ahead.append(started[0] - written[0])
+        return real_start(*args, **kwargs)
+
+    def slow_write(writer, block, key, *args, **kwargs):
+        import time
+
+        time.sleep(0.01)  # a slow disk: the host gets ahead
+        real_write(writer, block, key, *args, **kwargs)
+        if key == "labels":
+            written[0] += 1
+
+    monkeypatch.setattr(cpred, "WRITE_BEHIND_BYTES", budget)
+    monkeypatch.setattr(cpred, "_start_copy", start)
+    monkeypatch.setattr(cpred, "_write", slow_write)
+    src = tmp_path / "tile.png"
+    Image.fromarray(np.tile(smooth_image, (3, 1))).save(src)  # 231 rows: 9 strips of 32-px windows
+    res = predict_file(pointwise_net(5), src, tmp_path / "out", SETTINGS, num_classes=5)
+    labels = np.asarray(Image.open(res.outputs["labels"]))
+    ref = predict_large(pointwise_net(5), np.tile(smooth_image, (3, 1)), window=32, overlap=8)
+    np.testing.assert_array_equal(labels, ref.labels)
+    if bound is None:
+        assert max(ahead) > cpred.WRITE_BEHIND + 1  # a large budget lets the host run further ahead
+    else:
+        assert max(ahead[:-2]) <= bound + 1  # started minus written, counting this one; last strip free
