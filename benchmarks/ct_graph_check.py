@@ -13,6 +13,9 @@ Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
    eager vs recorded.
 4. **Step**: a DCPoolFormer training step (B = 8, 512², fp32) without CT and with the recorded CL loss:
    wall time and summed GPU kernel time per step (wall − kernel time = time the GPU waits for the host).
+5. **Snapshot**: after three such steps with the recorded loss, the caching allocator's memory by
+   (pool, stream) and the largest blocks outside the default pool with the line that allocated them
+   (what the graphs keep: static inputs and outputs, their private pool, side-stream caches).
 """
 
 from __future__ import annotations
@@ -146,6 +149,47 @@ def step(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
     return out
 
 
+def _frame(block: dict) -> str:
+    """The innermost ctseg/torch.nn frame of a block's allocation stack (where it was made)."""
+    frames = block.get("frames") or []
+    for f in frames:
+        name = f.get("filename", "")
+        if "ctseg" in name or "benchmarks" in name:
+            return f"{Path(name).name}:{f.get('line')} {f.get('name')}"
+    return f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+
+
+def snapshot(device: torch.device, batch: int = 8) -> dict:
+    """After 3 DCPoolFormer steps with the recorded CL loss: memory by (pool, stream) and the largest
+    live blocks outside the default pool with where they were allocated."""
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    fn = step_setup("paper-cl+graph", device, batch)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    groups: dict[str, dict[str, float]] = {}
+    private_blocks = []
+    for seg in snap["segments"]:
+        pool = seg.get("segment_pool_id", (0, 0))
+        key = f"pool={tuple(pool)} stream={seg.get('stream')}"
+        g = groups.setdefault(key, {"reserved_mib": 0.0, "allocated_mib": 0.0})
+        g["reserved_mib"] += seg["total_size"] / MiB
+        g["allocated_mib"] += seg["allocated_size"] / MiB
+        if tuple(pool) != (0, 0) or seg.get("stream") != 0:
+            private_blocks += [(b["size"], b["state"], _frame(b)) for b in seg["blocks"]]
+    private_blocks.sort(reverse=True)
+    del fn
+    torch.cuda.empty_cache()
+    return {
+        "by_pool_and_stream": groups,
+        "largest_blocks_outside_default_pool": [
+            {"mib": round(sz / MiB, 2), "state": st, "where": where} for sz, st, where in private_blocks[:25]
+        ],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path)
@@ -157,6 +201,7 @@ def main() -> None:
         ("memory", memory),
         ("kernels", kernels),
         ("step", step),
+        ("snapshot", snapshot),
     ):
         try:
             res[name] = part(device)
