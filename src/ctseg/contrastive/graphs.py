@@ -5,9 +5,7 @@ launch costs more host time than they take on the device (docs/benchmarks.md, CT
 records them once and replays them with one launch. The loss is recorded as two graphs around an eager
 gather, so that the graphs never hold a copy of the feature maps:
 
-0. eager: the class counts (and mean probabilities) of every stage's patches, a few MB (the graph's
-   input: not the mask, and the pooling's per-pixel temporaries do not stay in the graph's pool);
-1. **sampling** (no gradient): patch class counts → sampled rows;
+1. **sampling** (no gradient): mask (and class probabilities) → patch class counts → sampled rows;
 2. eager: ``gather_rows`` reads the sampled rows of every stage's feature map (one indexing op per
    stage; its backward scatters into the maps' gradients);
 3. **tail** (forward and backward graphs, via :func:`torch.cuda.make_graphed_callables`): projection
@@ -120,8 +118,7 @@ class SplitPaperLoss:
     ``(loss, packed stats or None)``, both fresh tensors.
 
     Attributes:
-        sample: ``(*counts[, *confidence])`` (per stage, ``patches.py``) → the
-            :meth:`PaperSamples.tensors` of the sampled rows.
+        sample: ``(mask[, probs])`` → the :meth:`PaperSamples.tensors` of the sampled rows.
         tail: ``(*rows, *params, *sample tensors)`` → ``(loss,)`` or ``(loss, packed stats)``.
         params: the head parameters, in the order ``tail`` takes them.
     """
@@ -131,27 +128,11 @@ class SplitPaperLoss:
     params: list[nn.Parameter]
     negative_slots: int
     with_probs: bool
-    grids: Sequence[StageGrid]
-    num_classes: int
-
-    def patch_statistics(self, mask: torch.Tensor, probs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """Eager: class counts (and mean probabilities) of every stage's patches, the sampling's input.
-
-        Outside the graph on purpose: the graph's input is then a few MB of counts instead of the
-        ``(B, H, W)`` int64 mask (and the ``(B, K, H, W)`` probabilities), and the per-pixel
-        temporaries of the pooling do not stay reserved in the graph's memory pool.
-        """
-        with torch.autocast(device_type=mask.device.type, enabled=False):
-            counts = patch_class_counts(mask, self.num_classes, self.grids)
-            conf = (
-                patch_class_means(probs.detach(), self.grids) if self.with_probs and probs is not None else []
-            )
-        return (*counts, *conf)
 
     def __call__(
         self, used: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        sample_out = self.sample(*self.patch_statistics(mask, probs))
+        sample_out = self.sample(mask, *([probs] if self.with_probs else []))
         rows = gather_rows(used, self.samples(sample_out))
         out = self.tail(*rows, *_GradCopy.apply(*self.params), *sample_out)
         # Static buffers when recorded: the next replay overwrites them. The clone keeps the graph.
@@ -164,11 +145,13 @@ class SplitPaperLoss:
 def _sample_fn(
     loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid]
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
-    cfg, S = loss_fn.cfg, len(grids)
+    cfg = loss_fn.cfg
 
-    def sample(*stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        counts, conf = stats[:S], (stats[S:] or None)
-        return sample_rows(cfg, counts, grids, conf, loss_fn.group_size, loss_fn.process_group).tensors()
+    def sample(mask: torch.Tensor, *probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(device_type=mask.device.type, enabled=False):
+            counts = patch_class_counts(mask, cfg.num_classes, grids)
+            conf = patch_class_means(probs[0].detach(), grids) if probs else None
+            return sample_rows(cfg, counts, grids, conf, loss_fn.group_size, loss_fn.process_group).tensors()
 
     return sample
 
@@ -177,13 +160,7 @@ def split_loss(loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid], with_p
     """The loss in the three parts that :func:`record` records (plain functions, any device)."""
     params = [p for _, _, p in _head_parameters(loss_fn)]
     return SplitPaperLoss(
-        _sample_fn(loss_fn, grids),
-        _tail_fn(loss_fn),
-        params,
-        _negative_slots(loss_fn),
-        with_probs,
-        grids,
-        loss_fn.cfg.num_classes,
+        _sample_fn(loss_fn, grids), _tail_fn(loss_fn), params, _negative_slots(loss_fn), with_probs
     )
 
 
@@ -200,7 +177,7 @@ def record(
     """
     parts = split_loss(loss_fn, grids, with_probs=probs is not None and loss_fn.cfg.sampling == "confidence")
     pool = torch.cuda.graph_pool_handle()
-    sample_args = parts.patch_statistics(mask, probs)  # fresh tensors: they become the static inputs
+    sample_args = (mask.clone(), *([probs.detach().clone()] if parts.with_probs else []))
     # Autocast's weight cache cannot be recorded; the loss computes in fp32 with autocast off anyway.
     with torch.autocast(device_type="cuda", enabled=False):
         sample = torch.cuda.make_graphed_callables(parts.sample, sample_args, pool=pool)
@@ -214,9 +191,6 @@ def record(
         tail = torch.cuda.make_graphed_callables(
             parts.tail, (*rows, *param_args, *sample_out), pool=pool, allow_unused_input=True
         )
-    # Recording warmed both parts up on side streams, whose cached blocks no later allocation on the
-    # training stream can reuse: hand them back (once per recorded shape).
-    torch.cuda.empty_cache()
     return dataclasses.replace(parts, sample=sample, tail=tail)
 
 
