@@ -132,3 +132,47 @@ def test_a_graph_is_specific_to_shapes_dtypes_and_requires_grad():
     assert signature([f.double() for f in feats], mask, None) != base
     assert signature(feats, mask[:2], None) != base
     assert signature(feats, mask, probs) != base
+
+
+class _FakeRecorder:
+    """Stands in for ``graphs.record``, which needs a GPU (recording a CUDA graph cannot happen on
+    these CPU machines): returns the unrecorded parts, or fails like a capture would."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls, self.fail = 0, fail
+
+    def __call__(self, loss_fn, used, mask, probs, grids):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return split_loss(loss_fn, grids, with_probs=False)
+
+
+def test_graph_cache_records_once_per_shape_and_caps_the_number_of_shapes(monkeypatch):
+    from ctseg.contrastive import graphs
+
+    fake = _FakeRecorder()
+    monkeypatch.setattr(graphs, "record", fake)
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True)
+    cache = graphs.GraphCache()
+    shapes = [(B, size) for B in (1, 2) for size in (32, 64, 96)]  # 6 shapes > MAX_GRAPHS = 4
+    with pytest.warns(RuntimeWarning, match="more than 4 input shapes") as caught:
+        for B, size in shapes + shapes:  # every shape twice
+            feats, mask, _ = _inputs(seed=0, B=B, size=size)
+            parts = cache.get(fn, feats, mask, None, fn._grids(feats, mask))
+            assert (parts is None) == ((B, size) in shapes[graphs.MAX_GRAPHS :])
+    assert fake.calls == graphs.MAX_GRAPHS  # one recording per shape, none beyond the cap
+    assert len([w for w in caught if "cuda_graph" in str(w.message)]) == 1  # warned once
+
+
+def test_a_failed_recording_falls_back_to_the_eager_loss_with_one_warning(monkeypatch):
+    from ctseg.contrastive import graphs
+
+    fake = _FakeRecorder(fail=True)
+    monkeypatch.setattr(graphs, "record", fake)
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True)
+    feats, mask, _ = _inputs(seed=1)
+    with pytest.warns(RuntimeWarning, match=r"recording failed \(RuntimeError: operation not permitted"):
+        assert fn._graphs.get(fn, feats, mask, None, fn._grids(feats, mask)) is None
+    assert fn._graphs.get(fn, feats, mask, None, fn._grids(feats, mask)) is None  # not retried
+    assert fake.calls == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -207,3 +208,17 @@ def test_cli_fit_with_a_compiled_ct_loss_trains_and_resumes(synth, tmp_path):
     resumed = json.loads((run / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [0, 1]
     assert torch.isfinite(torch.tensor(resumed["history"][-1]["train_loss"]))
+
+
+def test_cli_fit_accepts_cuda_graph_and_runs_the_eager_loss_on_cpu(synth, tmp_path):
+    """``ct: {cuda_graph: true}`` is a valid config everywhere: on CPU the eager loss runs (the CUDA
+    path is tested in tests/reliability/test_determinism.py on a GPU)."""
+    run = tmp_path / "run"
+    ct = json.dumps({**CT_CL, "cuda_graph": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("fit", fit_args(synth, run, "--model.ct", ct))
+    assert not [w for w in caught if str(w.message).startswith("CT loss, cuda_graph")]  # nothing recorded
+    record = json.loads((run / "metrics.json").read_text())["history"][0]
+    assert record["ct"]["active"] == 1.0 and torch.isfinite(torch.tensor(record["train_loss"]))
+    assert "cuda_graph: true" in (run / "config.yaml").read_text()
