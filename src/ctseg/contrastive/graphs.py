@@ -11,10 +11,15 @@ gather, so that the graphs never hold a copy of the feature maps:
 3. **tail** (forward and backward graphs, via :func:`torch.cuda.make_graphed_callables`): projection
    heads, hard-pair mining, loss terms, clip, weight and packed stats.
 
-Both graphs share one private memory pool. A graph is recorded per input signature (shapes, dtypes,
-``requires_grad``); random draws come from the CUDA generator's graph-safe Philox state, so every replay
-draws afresh and a seeded run is reproducible. Outputs live in the graphs' static buffers and are
-cloned before they are returned (the next replay overwrites them).
+Both graphs share one private memory pool. Memory (H100, DCPoolFormer B = 8, docs/benchmarks.md):
+the graphs' own buffers are small (≈ 36 MB of static inputs and outputs, a 42 MiB pool), but
+``make_graphed_callables`` records on a side stream, for which cuBLAS and cuBLASLt allocate their
+workspaces (2 × 32 MiB with torch 2.11): most of the ≈ +4 % of peak memory over the eager loss.
+
+A graph is recorded per input signature (shapes, dtypes, ``requires_grad``); random draws come from
+the CUDA generator's graph-safe Philox state, so every replay draws afresh and a seeded run is
+reproducible. Outputs live in the graphs' static buffers and are cloned before they are returned
+(the next replay overwrites them).
 """
 
 from __future__ import annotations
@@ -200,7 +205,7 @@ class GraphCache:
 
     def __init__(self) -> None:
         self.graphs: dict[Signature, SplitPaperLoss | None] = {}
-        self._warned = False
+        self._warned: set[str] = set()
 
     def get(
         self,
@@ -214,19 +219,21 @@ class GraphCache:
         if key in self.graphs:
             return self.graphs[key]
         if len(self.graphs) >= MAX_GRAPHS:
-            self._warn(f"more than {MAX_GRAPHS} input shapes; new shapes run the eager loss")
+            self._warn("cap", f"more than {MAX_GRAPHS} input shapes; new shapes run the eager loss")
             return None
         try:
             graphed = record(loss_fn, used, mask, probs, grids)
         except RuntimeError as err:  # an op that cannot be captured (e.g. a debugging mode): stay correct
             self._warn(
-                f"recording failed ({type(err).__name__}: {err}); this input shape runs the eager loss"
+                "failed",
+                f"recording failed ({type(err).__name__}: {err}); this input shape runs the eager loss",
             )
             graphed = None
         self.graphs[key] = graphed
         return graphed
 
-    def _warn(self, message: str) -> None:
-        if not self._warned:
+    def _warn(self, kind: str, message: str) -> None:
+        """Warn once per kind (a training loop would otherwise warn at every step)."""
+        if kind not in self._warned:
             warnings.warn(f"CT loss, cuda_graph: {message}", RuntimeWarning, stacklevel=4)
-            self._warned = True
+            self._warned.add(kind)
