@@ -16,6 +16,8 @@ Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
 5. **Snapshot**: after three such steps with the recorded loss, the caching allocator's memory by
    (pool, stream) and the largest blocks outside the default pool with the line that allocated them
    (what the graphs keep: static inputs and outputs, their private pool, side-stream caches).
+6. **Workspaces**: the step's peak memory without CT, with the eager and with the recorded CL loss, each
+   in a fresh process, with the default cuBLAS/cuBLASLt workspaces, a unified one, and small ones.
 """
 
 from __future__ import annotations
@@ -190,6 +192,42 @@ def snapshot(device: torch.device, batch: int = 8) -> dict:
     }
 
 
+WORKSPACE_ENVS = {
+    "default": {},
+    # cuBLASLt shares the cuBLAS workspace (default on newer open-source builds)
+    "unified": {"TORCH_CUBLASLT_UNIFIED_WORKSPACE": "1"},
+    # small workspaces for every stream (the loss's GEMMs are small; the model's may slow down)
+    "small": {"CUBLAS_WORKSPACE_CONFIG": ":512:2", "CUBLASLT_WORKSPACE_SIZE": "1024"},
+}
+
+
+def workspaces(device: torch.device, batch: int = 8) -> dict:
+    """Step peak memory (fresh process each) with the cuBLAS workspace settings of :data:`WORKSPACE_ENVS`:
+    how much of the recorded loss's extra memory is the recording stream's workspaces."""
+    import subprocess
+    import sys
+
+    out: dict[str, dict] = {}
+    here = Path(__file__).resolve().parent
+    for name, env in WORKSPACE_ENVS.items():
+        for config in ("baseline", "paper-cl", "paper-cl+graph"):
+            cmd = [
+                sys.executable,
+                str(here / "ct_loss.py"),
+                "--memory-child",
+                config,
+                "--device",
+                str(device),
+            ]
+            cmd += ["--batch", str(batch), "--warmup", "2", "--memory-steps", "1"]
+            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=False)
+            lines = res.stdout.strip().splitlines()
+            out[f"{name}/{config}"] = (
+                json.loads(lines[-1]) if res.returncode == 0 and lines else {"error": res.stderr[-500:]}
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path)
@@ -202,6 +240,7 @@ def main() -> None:
         ("kernels", kernels),
         ("step", step),
         ("snapshot", snapshot),
+        ("workspaces", workspaces),
     ):
         try:
             res[name] = part(device)
