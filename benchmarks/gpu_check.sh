@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (≤ 12 minutes in all: the parts' time boxes add up to 825 s; run a subset with PARTS). From the repository root:
+# One script for a lent GPU (the parts' time boxes add up to 825 s, more than one 600 s device call: run subsets with PARTS). From the repository root:
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh
 # On the workplace's device machine (python3 with torch, no jsonargparse/rasterio, no internet): carry the
 # wheels in .whl/ (jsonargparse, docstring-parser, typeshed-client, rasterio, affine, cligj, click-plugins;
