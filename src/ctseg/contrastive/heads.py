@@ -29,8 +29,12 @@ class ProjectionHead(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.to(self.fc1.weight.dtype)
-        z = self.fc2(self.act(self.fc1(rows))).float()
+        # Casts only where needed: on a GPU every call, even a no-op, costs host time (launch-bound loss).
+        if rows.dtype != self.fc1.weight.dtype:
+            rows = rows.to(self.fc1.weight.dtype)
+        z = self.fc2(self.act(self.fc1(rows)))
+        if z.dtype != torch.float32:
+            z = z.float()
         # F.normalize(z, eps=1e-12) as a multiplication by rsqrt: same values (≤ 1 ulp), and a
         # cheaper backward than the division on the (N, d) rows.
         return z * torch.rsqrt((z * z).sum(-1, keepdim=True).clamp_min(1e-24))

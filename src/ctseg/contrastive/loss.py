@@ -422,7 +422,10 @@ class PatchContrastiveLoss(nn.Module):
         )
         parts = [head, pos.sum(-1), neg.sum(-1), pairs.sum(-1), pos.flatten(), neg.flatten(), pairs.flatten()]
         parts.append(terms.flatten())
-        return torch.cat([p.float().reshape(-1).to(loss.device) for p in parts])
+        # Every part is on the loss's device already (the reference mode moves its counts there).
+        return torch.cat(
+            [p.reshape(-1) if p.dtype == torch.float32 else p.reshape(-1).float() for p in parts]
+        )
 
     def _checks_inputs(self, mask: torch.Tensor) -> bool:
         if self.check_inputs is None:  # auto: only where reading a value costs no device sync
