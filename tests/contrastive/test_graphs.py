@@ -8,6 +8,7 @@ must give the eager loss exactly, with the same stats and the same gradients.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -176,3 +177,86 @@ def test_a_failed_recording_falls_back_to_the_eager_loss_with_one_warning(monkey
         assert fn._graphs.get(fn, feats, mask, None, fn._grids(feats, mask)) is None
     assert fn._graphs.get(fn, feats, mask, None, fn._grids(feats, mask)) is None  # not retried
     assert fake.calls == 1
+
+
+class _CountingRecorder(_FakeRecorder):
+    """Like :class:`_FakeRecorder` (GPU-only recording mocked), and counts the calls that take the
+    recorded path (its sampling part)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replays = 0
+
+    def __call__(self, loss_fn, used, mask, probs, grids):
+        parts = super().__call__(loss_fn, used, mask, probs, grids)
+        sample = parts.sample
+
+        def counted(*args):
+            self.replays += 1
+            return sample(*args)
+
+        return dataclasses.replace(parts, sample=counted)
+
+
+@pytest.fixture
+def recorded_on_cpu(monkeypatch):
+    """Route CPU inputs through the recorded path, with recording mocked (it needs a GPU). The losses
+    under test turn the input check off, as it is by default on CUDA (where the path applies)."""
+    from ctseg.contrastive import graphs, loss
+
+    fake = _CountingRecorder()
+    monkeypatch.setattr(graphs, "record", fake)
+    monkeypatch.setattr(loss, "_recordable", lambda mask: True)
+    return fake
+
+
+def test_recorded_path_in_a_training_loop_equals_the_eager_loss(recorded_on_cpu):
+    eager = PatchContrastiveLoss(CHANNELS, 6, 6)
+    graphed = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True, check_inputs=False)
+    graphed.load_state_dict(eager.state_dict())
+    for step in range(3):
+        feats, mask, _ = _inputs(seed=step)
+        torch.manual_seed(step)
+        ref = eager(feats, mask)[0]
+        ref_grads = _grads(eager, feats, ref)
+        torch.manual_seed(step)
+        out = graphed(feats, mask)[0]
+        assert out.item() == ref.item()
+        for got, want in zip(_grads(graphed, feats, out), ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert recorded_on_cpu.calls == 1 and recorded_on_cpu.replays == 3
+
+
+def test_a_second_call_before_the_backward_runs_the_eager_loss(recorded_on_cpu):
+    """A replay would overwrite what the pending backward reads: the second call runs eagerly, and both
+    results keep correct gradients."""
+    eager = PatchContrastiveLoss(CHANNELS, 6, 6)
+    graphed = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True, check_inputs=False)
+    graphed.load_state_dict(eager.state_dict())
+    (fa, ma, _), (fb, mb, _) = _inputs(seed=1), _inputs(seed=2)
+    torch.manual_seed(0)
+    ref = eager(fa, ma)[0] + eager(fb, mb)[0]
+    ref_grads = _grads(eager, [*fa, *fb], ref)
+    torch.manual_seed(0)
+    first = graphed(fa, ma)[0]
+    with pytest.warns(RuntimeWarning, match="before the backward of an earlier result"):
+        second = graphed(fb, mb)[0]
+    assert recorded_on_cpu.replays == 1  # the second call did not replay
+    total = first + second
+    assert total.item() == ref.item()
+    for got, want in zip(_grads(graphed, [*fa, *fb], total), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    graphed(fa, ma)[0].backward()  # the backward ran: replays again
+    assert recorded_on_cpu.replays == 2
+
+
+def test_a_dropped_result_does_not_block_replays_but_a_kept_one_does(recorded_on_cpu):
+    graphed = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True, check_inputs=False)
+    feats, mask, _ = _inputs(seed=4)
+    graphed(feats, mask)  # result dropped: its autograd graph is gone
+    graphed(feats, mask)[0].backward()
+    assert recorded_on_cpu.replays == 2
+    kept = graphed(feats, mask)[0]  # kept, e.g. for logging, without detaching and never backpropagated
+    with pytest.warns(RuntimeWarning, match="keep detached copies"):
+        graphed(feats, mask)
+    assert recorded_on_cpu.replays == 3 and kept.requires_grad

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,6 +74,28 @@ class _GradCopy(torch.autograd.Function):
         present = [g for g in grads if g is not None]
         copies = iter(torch._foreach_mul(present, 1.0)) if present else iter(())
         return tuple(None if g is None else next(copies) for g in grads)
+
+
+class _ReplayGuard(torch.autograd.Function):
+    """Copy of the loss that tells its :class:`SplitPaperLoss` whether a backward is still pending.
+
+    A recorded call leaves state in the graphs' static buffers that its backward reads (the tail's
+    saved activations, the sampled indices the gather's backward scatters to). A second replay before
+    that backward would overwrite them and corrupt its gradients silently. The context object lives as
+    long as the autograd graph of the result: it dies when the backward has run (or the result is
+    dropped), and the backward also clears the mark explicitly.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, owner: SplitPaperLoss) -> torch.Tensor:  # type: ignore[override]
+        ctx.owner = owner
+        owner._pending = weakref.ref(ctx)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        ctx.owner._pending = None
+        return grad, None
 
 
 class _StageHeads:
@@ -133,6 +156,11 @@ class SplitPaperLoss:
     params: list[nn.Parameter]
     negative_slots: int
     with_probs: bool
+    _pending: weakref.ReferenceType | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def busy(self) -> bool:
+        """A result of an earlier call still awaits its backward (replaying now would corrupt it)."""
+        return self._pending is not None and self._pending() is not None
 
     def __call__(
         self, used: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None
@@ -140,8 +168,9 @@ class SplitPaperLoss:
         sample_out = self.sample(mask, *([probs] if self.with_probs else []))
         rows = gather_rows(used, self.samples(sample_out))
         out = self.tail(*rows, *_GradCopy.apply(*self.params), *sample_out)
-        # Static buffers when recorded: the next replay overwrites them. The clone keeps the graph.
-        return out[0].clone(), (out[1].clone() if len(out) > 1 else None)
+        # Static buffers when recorded: the next replay overwrites them, so both outputs are copies.
+        loss = _ReplayGuard.apply(out[0], self) if out[0].requires_grad else out[0].clone()
+        return loss, (out[1].clone() if len(out) > 1 else None)
 
     def samples(self, sample_out: Sequence[torch.Tensor]) -> PaperSamples:
         return PaperSamples.from_tensors(sample_out, sample_out[0].shape[-1] - self.negative_slots)
@@ -219,12 +248,12 @@ class GraphCache:
         if key in self.graphs:
             return self.graphs[key]
         if len(self.graphs) >= MAX_GRAPHS:
-            self._warn("cap", f"more than {MAX_GRAPHS} input shapes; new shapes run the eager loss")
+            self.warn("cap", f"more than {MAX_GRAPHS} input shapes; new shapes run the eager loss")
             return None
         try:
             graphed = record(loss_fn, used, mask, probs, grids)
         except RuntimeError as err:  # an op that cannot be captured (e.g. a debugging mode): stay correct
-            self._warn(
+            self.warn(
                 "failed",
                 f"recording failed ({type(err).__name__}: {err}); this input shape runs the eager loss",
             )
@@ -232,7 +261,7 @@ class GraphCache:
         self.graphs[key] = graphed
         return graphed
 
-    def _warn(self, kind: str, message: str) -> None:
+    def warn(self, kind: str, message: str) -> None:
         """Warn once per kind (a training loop would otherwise warn at every step)."""
         if kind not in self._warned:
             warnings.warn(f"CT loss, cuda_graph: {message}", RuntimeWarning, stacklevel=4)

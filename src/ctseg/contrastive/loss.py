@@ -76,6 +76,11 @@ def _compile_mode(compile: bool | str | None, mode: str, gather_negatives: bool)
     return name
 
 
+def _recordable(mask: torch.Tensor) -> bool:
+    """Inputs on a device where the loss can be recorded as CUDA graphs."""
+    return mask.is_cuda
+
+
 def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool, compile: str | None) -> bool:
     if not cuda_graph:
         return False
@@ -330,9 +335,16 @@ class PatchContrastiveLoss(nn.Module):
     ) -> tuple[torch.Tensor, CTStats | dict[str, float]]:
         self._check_shapes(features, mask, probs)
         check = self._checks_inputs(mask)
-        if self.cuda_graph and not check and mask.is_cuda and torch.is_grad_enabled():
+        if self.cuda_graph and not check and _recordable(mask) and torch.is_grad_enabled():
             used = [features[s] for s in self.cfg.stages]
             graphed = self._graphs.get(self, used, mask, probs, self._grids(used, mask))
+            if graphed is not None and graphed.busy():
+                self._graphs.warn(
+                    "busy",
+                    "called again before the backward of an earlier result (keep detached copies of "
+                    "results that are not backpropagated); such calls run the eager loss",
+                )
+                graphed = None
             if graphed is not None:
                 loss, packed = graphed(used, mask, probs)
                 return loss, ({} if packed is None else CTStats(packed, self.stat_names))
