@@ -5,6 +5,7 @@ The synthetic set is generated once per module (64² scenes); models are the rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -222,3 +223,34 @@ def test_cli_fit_accepts_cuda_graph_and_runs_the_eager_loss_on_cpu(synth, tmp_pa
     record = json.loads((run / "metrics.json").read_text())["history"][0]
     assert record["ct"]["active"] == 1.0 and torch.isfinite(torch.tensor(record["train_loss"]))
     assert "cuda_graph: true" in (run / "config.yaml").read_text()
+
+
+def test_ctseg_fit_backpropagates_every_recorded_ct_call_before_the_next(synth, tmp_path, monkeypatch):
+    """The training loop must never call the CT loss again while an earlier result awaits its backward
+    (a replay would overwrite that backward's saved state; the loss then falls back to eager with a
+    warning). CUDA recording is mocked (no GPU here): the recorded path runs the same parts on CPU."""
+    from ctseg.contrastive import graphs, loss
+    from ctseg.contrastive.graphs import split_loss
+
+    replays = []
+
+    def fake_record(loss_fn, used, mask, probs, grids):
+        parts = split_loss(loss_fn, grids, with_probs=False)
+        sample = parts.sample
+
+        def counted(*args):
+            replays.append(1)
+            return sample(*args)
+
+        return dataclasses.replace(parts, sample=counted)
+
+    monkeypatch.setattr(graphs, "record", fake_record)
+    monkeypatch.setattr(loss, "_recordable", lambda mask: True)
+    run = tmp_path / "run"
+    ct = json.dumps({**CT_CL, "cuda_graph": True, "check_inputs": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("fit", fit_args(synth, run, "--model.ct", ct))
+    assert not [str(w.message) for w in caught if str(w.message).startswith("CT loss, cuda_graph")]
+    record = json.loads((run / "metrics.json").read_text())["history"][0]
+    assert len(replays) == record["step"] > 0 and record["ct"]["active"] == 1.0  # one replay per step
