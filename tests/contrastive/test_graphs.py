@@ -110,11 +110,12 @@ def test_cuda_graph_on_cpu_runs_the_eager_loss():
         ({"mode": "reference"}, "needs mode='paper'"),
         ({"gather_negatives": True}, "gather_negatives"),
         ({"compile": True}, "one of compile and cuda_graph"),
+        ({"cuda_graph": "yes"}, "must be true or false"),
     ],
 )
 def test_cuda_graph_rejects_what_it_cannot_record(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True, **kwargs)
+        PatchContrastiveLoss(CHANNELS, 6, 6, **{"cuda_graph": True, **kwargs})
 
 
 def test_a_loss_with_cuda_graph_copies_and_pickles_without_its_graphs():

@@ -82,6 +82,8 @@ def _recordable(mask: torch.Tensor) -> bool:
 
 
 def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool, compile: str | None) -> bool:
+    if not isinstance(cuda_graph, bool):
+        raise ConfigError(f"CT loss: cuda_graph must be true or false, got {cuda_graph!r}")
     if not cuda_graph:
         return False
     if mode != "paper":
