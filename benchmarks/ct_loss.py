@@ -77,6 +77,8 @@ CUDA_STEP_VARIANTS = {
     # backward failed in a test (docs/benchmarks.md).
     "paper-cl+compile": {"mode": "paper", "loss": "cl", "compile": "default"},
     "paper-infonce+compile": {"mode": "paper", "loss": "infonce", "compile": "default"},
+    # Both: the recorded parts are compiled first (fused kernels in the graphs: less device time).
+    "paper-cl+compile+graph": {"mode": "paper", "loss": "cl", "compile": "default", "cuda_graph": True},
 }
 # Extra variants run on CUDA unless --extra names others (the compiled ones cost minutes of compiling).
 DEFAULT_CUDA_EXTRA = ("paper-cl+sync", "paper-cl+graph", "paper-infonce+graph")

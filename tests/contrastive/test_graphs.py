@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -109,7 +110,6 @@ def test_cuda_graph_on_cpu_runs_the_eager_loss():
     [
         ({"mode": "reference"}, "needs mode='paper'"),
         ({"gather_negatives": True}, "gather_negatives"),
-        ({"compile": True}, "one of compile and cuda_graph"),
         ({"cuda_graph": "yes"}, "must be true or false"),
     ],
 )
@@ -261,3 +261,25 @@ def test_a_dropped_result_does_not_block_replays_but_a_kept_one_does(recorded_on
     with pytest.warns(RuntimeWarning, match="keep detached copies"):
         graphed(feats, mask)
     assert recorded_on_cpu.replays == 3 and kept.requires_grad
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU (inductor) needs a C++ compiler",
+)
+def test_compiled_split_parts_equal_the_eager_loss():
+    """``compile`` with ``cuda_graph``: the parts are compiled before recording. Compiled, they still
+    give the eager loss (confidence sampling draws nothing at random), stats and gradients."""
+    kw = dict(loss="infonce", sampling="confidence", clip=1.0, clip_mode="scale", check_inputs=False)
+    eager = PatchContrastiveLoss(CHANNELS, 6, 6, **kw)
+    graphed = PatchContrastiveLoss(CHANNELS, 6, 6, compile=True, cuda_graph=True, **kw)
+    graphed.load_state_dict(eager.state_dict())
+    feats, mask, probs = _inputs(seed=6, B=2)
+    parts = split_loss(graphed, graphed._grids(feats, mask), with_probs=True)
+    for _ in range(2):  # the second call reuses the compiled code
+        ref, ref_stats = eager(feats, mask, probs)
+        out, packed = parts(feats, mask, probs)
+        assert ref_stats["active"] == 1.0 and out.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(packed, ref_stats.tensor, rtol=1e-4, atol=1e-5)
+        for got, want in zip(_grads(graphed, feats, out), _grads(eager, feats, ref), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -81,7 +81,7 @@ def _recordable(mask: torch.Tensor) -> bool:
     return mask.is_cuda
 
 
-def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool, compile: str | None) -> bool:
+def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool) -> bool:
     if not isinstance(cuda_graph, bool):
         raise ConfigError(f"CT loss: cuda_graph must be true or false, got {cuda_graph!r}")
     if not cuda_graph:
@@ -92,8 +92,6 @@ def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool, compi
         )
     if gather_negatives:
         raise ConfigError("CT loss: cuda_graph does not support gather_negatives (collectives in a graph)")
-    if compile is not None:
-        raise ConfigError("CT loss: choose one of compile and cuda_graph")
     return True
 
 
@@ -154,8 +152,9 @@ class PatchContrastiveLoss(nn.Module):
             shape (tens of seconds to a minute and a half). The random draws then come from the compiled
             kernels' generator: same seed, same result, but not the eager values.
         cuda_graph: on CUDA, record the loss as CUDA graphs at the first call for each input shape and
-            replay them afterwards (paper mode, without ``gather_negatives`` or ``compile``): one launch
-            instead of a few hundred (see :mod:`ctseg.contrastive.graphs`). Takes effect when
+            replay them afterwards (paper mode, without ``gather_negatives``): one launch instead of a
+            few hundred (see :mod:`ctseg.contrastive.graphs`). With ``compile`` too, the recorded parts
+            are compiled first (fused kernels: less device time; compiling takes a minute or more). Takes effect when
             gradients are enabled and ``check_inputs`` is off (the default on CUDA); elsewhere, and
             on CPU, the eager loss runs. The random draws come from the CUDA generator as in the eager
             loss but in another order: same seed, same result, not the eager values.
@@ -263,7 +262,7 @@ class PatchContrastiveLoss(nn.Module):
         self.check_inputs = check_inputs
         self.compile = _compile_mode(compile, mode, gather_negatives)
         self._compiled_compute: Callable[..., Any] | None = None
-        self.cuda_graph = _check_cuda_graph(cuda_graph, mode, gather_negatives, self.compile)
+        self.cuda_graph = _check_cuda_graph(cuda_graph, mode, gather_negatives)
         self._graphs = GraphCache()
 
     def __getstate__(self) -> dict[str, Any]:
