@@ -280,11 +280,11 @@ def test_a_failing_writer_leaves_no_partial_output(
     calls = {"n": 0}
     original = PNGStreamWriter.write
 
-    def flaky_write(self: PNGStreamWriter, rows: np.ndarray) -> None:
+    def flaky_write(self: PNGStreamWriter, rows: np.ndarray, more: bool = False) -> None:
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(28, "No space left on device")
-        original(self, rows)
+        original(self, rows, more)
 
     monkeypatch.setattr(PNGStreamWriter, "write", flaky_write)
     src = tmp_path / "t.png"

@@ -359,9 +359,14 @@ class OutputSet:
 
 
 class RowWriter:
-    """Takes row blocks ``(h, W)`` or ``(h, W, C)`` in order, top to bottom."""
+    """Takes row blocks ``(h, W)`` or ``(h, W, C)`` in order, top to bottom.
 
-    def write(self, rows: np.ndarray) -> None:
+    ``more=True`` says the next block continues this one (a producer splitting a large block): writers
+    whose file layout depends on the block boundaries (the PNG's IDAT chunks) then keep building the
+    same unit, so that the file does not depend on the split; the others write rows as they come.
+    """
+
+    def write(self, rows: np.ndarray, more: bool = False) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -518,7 +523,7 @@ class NpyStreamWriter(RowWriter):
             {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape},
         )
 
-    def write(self, rows: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, more: bool = False) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.shape[1:]:
             raise ValueError(f"rows of shape {rows.shape[1:]}, expected {self.shape[1:]}")
@@ -590,7 +595,7 @@ class GeoTIFFWriter(RowWriter):
         self._pending_rows = 0
         self._row = 0  # first row not yet written to the file
 
-    def write(self, rows: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, more: bool = False) -> None:
         rows = np.asarray(rows, dtype=self.dtype)
         self._pending.append(rows)
         self._pending_rows += rows.shape[0]

@@ -138,10 +138,7 @@ def _write(writer: RowWriter, block: _HostBlock, key: str, target: Path, more: b
     that the file is the same as if both had come as one block)."""
     rows = block.get("labels" if key == "color" else key)
     try:
-        if more and isinstance(writer, PNGStreamWriter):
-            writer.write(rows, more=True)
-        else:
-            writer.write(rows)
+        writer.write(rows, more=more)
     except OSError as exc:  # disk full, quota, I/O error: the user's output location, not a bug
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
