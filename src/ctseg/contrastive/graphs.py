@@ -6,7 +6,7 @@ records them once and replays them with one launch. The loss is recorded as two 
 gather, so that the graphs never hold a copy of the feature maps:
 
 1. **sampling** (no gradient): mask (and class probabilities) → patch class counts → sampled rows;
-2. eager: ``gather_rows`` reads the sampled rows of every stage's feature map (one indexing op per
+2. eager: ``gather_sampled_rows`` reads the sampled rows of every stage's feature map (one indexing op per
    stage; its backward scatters into the maps' gradients);
 3. **tail** (forward and backward graphs, via :func:`torch.cuda.make_graphed_callables`): projection
    heads, hard-pair mining, loss terms, clip, weight and packed stats.
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ctseg.contrastive.distributed import local_negative_budget
-from ctseg.contrastive.paper import PaperSamples, gather_rows, paper_results, sample_rows
+from ctseg.contrastive.paper import PaperSamples, gather_sampled_rows, paper_results, sample_rows
 from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class SplitPaperLoss:
         self, used: Sequence[torch.Tensor], mask: torch.Tensor, probs: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sample_out = self.sample(mask, *([probs] if self.with_probs else []))
-        rows = gather_rows(used, self.samples(sample_out))
+        rows = gather_sampled_rows(used, self.samples(sample_out))
         out = self.tail(*rows, *_GradCopy.apply(*self.params), *sample_out)
         # Static buffers when recorded: the next replay overwrites them, so both outputs are copies.
         loss = _ReplayGuard.apply(out[0], self) if out[0].requires_grad else out[0].clone()
@@ -229,7 +229,7 @@ def record(
         sample_out = sample(*sample_args)  # static outputs: the tail reads them in place (no copy)
         rows = [
             r.detach().clone().requires_grad_(f.requires_grad)
-            for r, f in zip(gather_rows(used, parts.samples(sample_out)), used, strict=True)
+            for r, f in zip(gather_sampled_rows(used, parts.samples(sample_out)), used, strict=True)
         ]
         # The parameters' own storage is the graph's input (same address on every call: no copy).
         param_args = [p.detach().requires_grad_(p.requires_grad) for p in parts.params]

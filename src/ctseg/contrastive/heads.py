@@ -53,22 +53,25 @@ def build_heads(
     )
 
 
+def split_rows(rows: torch.Tensor, patches_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat patch indices ``b·h·w + i·w + j`` (row-major over batch, row, column, the order of the
+    reference's ``rearrange``) → image ``b`` and patch ``i·w + j``, same shapes."""
+    return torch.div(rows, patches_per_image, rounding_mode="floor"), rows % patches_per_image
+
+
+def take_rows(feature: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """Rows of a feature map without copying the whole map: ``(B, C, h, w)`` and indices of any
+    (equal) shape ``(*S,)`` → ``(*S, C)``. One indexing op; its backward scatters into the map's
+    gradient only."""
+    return feature.flatten(2)[image, :, patch]
+
+
 def gather_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of a feature map by flat patch index, without copying the whole map.
-
-    Args:
-        feature: ``(B, C, h, w)``.
-        rows: any-shape long tensor of flat indices ``b·h·w + i·w + j`` (row-major over batch, row,
-            column, the order of the reference's ``rearrange``).
-
-    Returns:
-        ``(*rows.shape, C)``.
-    """
+    """Rows of a feature map by flat patch index (:func:`split_rows`): ``(B, C, h, w)``, ``(*S,)`` →
+    ``(*S, C)``."""
     _B, C, h, w = feature.shape
-    flat = rows.reshape(-1)
-    b, hw = flat // (h * w), flat % (h * w)
-    out = feature.flatten(2)[b, :, hw]  # (n, C); backward scatters into the map's gradient only
-    return out.reshape(*rows.shape, C)
+    image, patch = split_rows(rows.reshape(-1), h * w)
+    return take_rows(feature, image, patch).reshape(*rows.shape, C)
 
 
 def project_rows(head: nn.Module, feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ctseg.contrastive.clip import CLIP_MODES
 from ctseg.contrastive.config import CTConfig, GroupResult, as_stage_tuple
 from ctseg.contrastive.graphs import GraphCache
 from ctseg.contrastive.heads import build_heads
-from ctseg.contrastive.paper import gather_rows, group_bounds, paper_results, sample_rows
+from ctseg.contrastive.paper import gather_sampled_rows, group_bounds, paper_results, sample_rows
 from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means, stage_grids
 from ctseg.contrastive.reference import reference_group
 from ctseg.contrastive.sampling import SAMPLERS
@@ -29,7 +29,7 @@ class NonFiniteFeaturesError(CtsegError, FloatingPointError):
 
 def _run_paper(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) -> GroupResult:
     samples = sample_rows(loss_fn.cfg, counts, grids, conf, loss_fn.group_size, loss_fn.process_group)
-    rows = gather_rows(feats, samples)
+    rows = gather_sampled_rows(feats, samples)
     return paper_results(loss_fn.cfg, loss_fn.heads, rows, samples, loss_fn.process_group)
 
 

@@ -5,7 +5,7 @@ last and runs the gather between them eagerly):
 
 1. :func:`sample_rows` — from the ground-truth patch counts only: a fixed budget of positive and
    negative patches per (group, stage, class), as flat indices into the feature maps;
-2. :func:`gather_rows` — the sampled rows of every stage's feature map (one indexing op per stage, so
+2. :func:`gather_sampled_rows` — the sampled rows of every stage's feature map (one indexing op per stage, so
    the backward scatters into the maps without copying them);
 3. :func:`paper_results` — projection heads, hard-pair mining and the loss terms of every
    (group, stage, class) in one batch.
@@ -23,6 +23,7 @@ from torch import nn
 
 from ctseg.contrastive.config import CTConfig, GroupResult
 from ctseg.contrastive.distributed import gather_negatives, local_negative_budget
+from ctseg.contrastive.heads import split_rows, take_rows
 from ctseg.contrastive.patches import StageGrid
 from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.contrastive.terms import PAPER_TERMS
@@ -96,17 +97,16 @@ def sample_rows(
     bounds = group_bounds(counts[0].shape[0], group_size)
     batch_index, patch_index, pos_count, neg_count = [], [], [], []
     P = 0
-    for cnt, grid, i in zip(counts, grids, range(len(counts)), strict=True):
+    for i, (cnt, grid) in enumerate(zip(counts, grids, strict=True)):
         b_rows, p_rows, p_count, n_count = [], [], [], []
         for b0, b1 in bounds:
             conf = None if confidence is None else confidence[i][b0:b1]
             smp = sampler(cnt[b0:b1], grid.patch_pixels, cfg.num_positives, n_neg, confidence=conf)
             P = smp.pos_rows.shape[1]
             rows = torch.cat([smp.pos_rows, smp.neg_rows], dim=1)  # (K, P + M), flat within the group
-            hw = grid.h * grid.w
-            image = torch.div(rows, hw, rounding_mode="floor")
+            image, patch = split_rows(rows, grid.h * grid.w)
             b_rows.append(image + b0 if b0 else image)
-            p_rows.append(rows % hw)
+            p_rows.append(patch)
             p_count.append(smp.pos_count)
             n_count.append(smp.neg_count)
         batch_index.append(_stack(b_rows))
@@ -119,14 +119,11 @@ def sample_rows(
     )
 
 
-def gather_rows(features: Sequence[torch.Tensor], samples: PaperSamples) -> list[torch.Tensor]:
-    """Sampled rows of every stage: ``(B, C_s, h_s, w_s)`` maps → ``(G, K, P + M, C_s)`` rows.
-
-    One advanced-indexing op per stage, reading only the sampled rows; its backward scatters into the
-    map's gradient.
-    """
+def gather_sampled_rows(features: Sequence[torch.Tensor], samples: PaperSamples) -> list[torch.Tensor]:
+    """Sampled rows of every stage: ``(B, C_s, h_s, w_s)`` maps → ``(G, K, P + M, C_s)`` rows
+    (:func:`~ctseg.contrastive.heads.take_rows`: one indexing op per stage)."""
     return [
-        f.flatten(2)[bi, :, pi]
+        take_rows(f, bi, pi)
         for f, bi, pi in zip(features, samples.batch_index, samples.patch_index, strict=True)
     ]
 
@@ -141,7 +138,7 @@ def paper_results(
     """Projection, hard mining and loss terms of every (group, stage, class) in one batch.
 
     Args:
-        rows: per used stage ``(G, K, P + M, C_s)`` feature rows (:func:`gather_rows`).
+        rows: per used stage ``(G, K, P + M, C_s)`` feature rows (:func:`gather_sampled_rows`).
 
     Returns:
         a :class:`GroupResult` with a leading group dimension G on every field.
