@@ -75,3 +75,30 @@ def dubai_crops(root: Path, count: int, size: int, seed: int = 0) -> torch.Tenso
         x = int(rng.integers(0, m.shape[1] - size + 1))
         crops.append(torch.from_numpy(m[y : y + size, x : x + size].astype(np.int64)))
     return torch.stack(crops)
+
+
+class RecordingStandIn:
+    """Stands in for ``ctseg.contrastive.graphs.record``, which needs a GPU (a CUDA graph cannot be
+    recorded on these CPU machines): returns the unrecorded parts of the loss (the same functions a
+    recording captures), or fails like a capture would. Counts recordings (``calls``) and the calls
+    that take the recorded path (``replays``, through its sampling part)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls, self.replays, self.fail = 0, 0, fail
+
+    def __call__(self, loss_fn, used, mask, probs, grids):
+        import dataclasses
+
+        from ctseg.contrastive.graphs import split_loss
+
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        parts = split_loss(loss_fn, grids)
+        sample = parts.sample
+
+        def counted(*args):
+            self.replays += 1
+            return sample(*args)
+
+        return dataclasses.replace(parts, sample=counted)

@@ -8,7 +8,6 @@ must give the eager loss exactly, with the same stats and the same gradients.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import pickle
 import shutil
 
@@ -18,7 +17,7 @@ import torch
 from ctseg.contrastive import PatchContrastiveLoss
 from ctseg.contrastive.graphs import _GradCopy, signature, split_loss
 from ctseg.errors import ConfigError
-from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
+from tests.contrastive.helpers import CHANNELS, RecordingStandIn, blocky_mask, stage_features
 
 
 def _inputs(seed: int, B: int = 4, size: int = 64):
@@ -52,7 +51,7 @@ def test_split_parts_equal_the_eager_loss(loss, sampling, group_size):
     ref, ref_stats = fn(feats, mask, probs)
     ref_grads = _grads(fn, feats, ref)
     grids = fn._grids(feats, mask)
-    parts = split_loss(fn, grids, with_probs=sampling == "confidence")
+    parts = split_loss(fn, grids)
     torch.manual_seed(11)  # the parts draw in the eager order
     out, packed = parts(feats, mask, probs)
     assert ref_stats["active"] == 1.0
@@ -65,7 +64,7 @@ def test_split_parts_equal_the_eager_loss(loss, sampling, group_size):
 def test_split_parts_without_stats_return_the_loss_only():
     fn = PatchContrastiveLoss(CHANNELS, 6, 6, compute_stats=False)
     feats, mask, _ = _inputs(seed=5)
-    out, packed = split_loss(fn, fn._grids(feats, mask), with_probs=False)(feats, mask, None)
+    out, packed = split_loss(fn, fn._grids(feats, mask))(feats, mask, None)
     assert packed is None and out.requires_grad and torch.isfinite(out)
 
 
@@ -136,24 +135,10 @@ def test_a_graph_is_specific_to_shapes_dtypes_and_requires_grad():
     assert signature(feats, mask, probs) != base
 
 
-class _FakeRecorder:
-    """Stands in for ``graphs.record``, which needs a GPU (recording a CUDA graph cannot happen on
-    these CPU machines): returns the unrecorded parts, or fails like a capture would."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.calls, self.fail = 0, fail
-
-    def __call__(self, loss_fn, used, mask, probs, grids):
-        self.calls += 1
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return split_loss(loss_fn, grids, with_probs=False)
-
-
 def test_graph_cache_records_once_per_shape_and_caps_the_number_of_shapes(monkeypatch):
     from ctseg.contrastive import graphs
 
-    fake = _FakeRecorder()
+    fake = RecordingStandIn()
     monkeypatch.setattr(graphs, "record", fake)
     fn = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True)
     cache = graphs.GraphCache()
@@ -170,7 +155,7 @@ def test_graph_cache_records_once_per_shape_and_caps_the_number_of_shapes(monkey
 def test_a_failed_recording_falls_back_to_the_eager_loss_with_one_warning(monkeypatch):
     from ctseg.contrastive import graphs
 
-    fake = _FakeRecorder(fail=True)
+    fake = RecordingStandIn(fail=True)
     monkeypatch.setattr(graphs, "record", fake)
     fn = PatchContrastiveLoss(CHANNELS, 6, 6, cuda_graph=True)
     feats, mask, _ = _inputs(seed=1)
@@ -180,32 +165,13 @@ def test_a_failed_recording_falls_back_to_the_eager_loss_with_one_warning(monkey
     assert fake.calls == 1
 
 
-class _CountingRecorder(_FakeRecorder):
-    """Like :class:`_FakeRecorder` (GPU-only recording mocked), and counts the calls that take the
-    recorded path (its sampling part)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.replays = 0
-
-    def __call__(self, loss_fn, used, mask, probs, grids):
-        parts = super().__call__(loss_fn, used, mask, probs, grids)
-        sample = parts.sample
-
-        def counted(*args):
-            self.replays += 1
-            return sample(*args)
-
-        return dataclasses.replace(parts, sample=counted)
-
-
 @pytest.fixture
 def recorded_on_cpu(monkeypatch):
     """Route CPU inputs through the recorded path, with recording mocked (it needs a GPU). The losses
     under test turn the input check off, as it is by default on CUDA (where the path applies)."""
     from ctseg.contrastive import graphs, loss
 
-    fake = _CountingRecorder()
+    fake = RecordingStandIn()
     monkeypatch.setattr(graphs, "record", fake)
     monkeypatch.setattr(loss, "_recordable", lambda mask: True)
     return fake
@@ -275,7 +241,7 @@ def test_compiled_split_parts_equal_the_eager_loss():
     graphed = PatchContrastiveLoss(CHANNELS, 6, 6, compile=True, cuda_graph=True, **kw)
     graphed.load_state_dict(eager.state_dict())
     feats, mask, probs = _inputs(seed=6, B=2)
-    parts = split_loss(graphed, graphed._grids(feats, mask), with_probs=True)
+    parts = split_loss(graphed, graphed._grids(feats, mask))
     for _ in range(2):  # the second call reuses the compiled code
         ref, ref_stats = eager(feats, mask, probs)
         out, packed = parts(feats, mask, probs)

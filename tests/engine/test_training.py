@@ -5,7 +5,6 @@ The synthetic set is generated once per module (64² scenes); models are the rea
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import warnings
@@ -22,6 +21,7 @@ from ctseg.engine.checkpoint import load_inference_model
 from ctseg.engine.cli import run_cli
 from ctseg.engine.module import SegmentationModule
 from ctseg.errors import CheckpointError
+from tests.contrastive.helpers import RecordingStandIn
 from tests.fit import FAST, TINY, fit_args
 
 CT_CL = {"loss": "cl", "mode": "paper", "clip": 1.0, "smoothing": 0.1}
@@ -230,21 +230,9 @@ def test_ctseg_fit_backpropagates_every_recorded_ct_call_before_the_next(synth, 
     (a replay would overwrite that backward's saved state; the loss then falls back to eager with a
     warning). CUDA recording is mocked (no GPU here): the recorded path runs the same parts on CPU."""
     from ctseg.contrastive import graphs, loss
-    from ctseg.contrastive.graphs import split_loss
 
-    replays = []
-
-    def fake_record(loss_fn, used, mask, probs, grids):
-        parts = split_loss(loss_fn, grids, with_probs=False)
-        sample = parts.sample
-
-        def counted(*args):
-            replays.append(1)
-            return sample(*args)
-
-        return dataclasses.replace(parts, sample=counted)
-
-    monkeypatch.setattr(graphs, "record", fake_record)
+    stand_in = RecordingStandIn()
+    monkeypatch.setattr(graphs, "record", stand_in)
     monkeypatch.setattr(loss, "_recordable", lambda mask: True)
     run = tmp_path / "run"
     ct = json.dumps({**CT_CL, "cuda_graph": True, "check_inputs": False})
@@ -253,4 +241,4 @@ def test_ctseg_fit_backpropagates_every_recorded_ct_call_before_the_next(synth, 
         run_cli("fit", fit_args(synth, run, "--model.ct", ct))
     assert not [str(w.message) for w in caught if str(w.message).startswith("CT loss, cuda_graph")]
     record = json.loads((run / "metrics.json").read_text())["history"][0]
-    assert len(replays) == record["step"] > 0 and record["ct"]["active"] == 1.0  # one replay per step
+    assert stand_in.replays == record["step"] > 0 and record["ct"]["active"] == 1.0  # one replay per step

@@ -193,7 +193,7 @@ def _sample_fn(
     return sample
 
 
-def split_loss(loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid], with_probs: bool) -> SplitPaperLoss:
+def split_loss(loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid]) -> SplitPaperLoss:
     """The loss in the three parts that :func:`record` records (plain functions, any device).
 
     With ``loss_fn.compile`` set, the sampling and the tail are ``torch.compile``'d first: the graphs
@@ -206,6 +206,8 @@ def split_loss(loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid], with_p
         mode = None if loss_fn.compile == "default" else loss_fn.compile
         sample = torch.compile(sample, mode=mode, dynamic=False)
         tail = torch.compile(tail, mode=mode, dynamic=False)
+    # Only confidence sampling reads the probabilities (the loss's input check makes them present then).
+    with_probs = loss_fn.cfg.sampling == "confidence"
     return SplitPaperLoss(sample, tail, params, _negative_slots(loss_fn), with_probs)
 
 
@@ -220,7 +222,7 @@ def record(
 
     The inputs serve as examples only: the graphs read copies of them, which the replays overwrite.
     """
-    parts = split_loss(loss_fn, grids, with_probs=probs is not None and loss_fn.cfg.sampling == "confidence")
+    parts = split_loss(loss_fn, grids)
     pool = torch.cuda.graph_pool_handle()
     sample_args = (mask.clone(), *([probs.detach().clone()] if parts.with_probs else []))
     # Autocast's weight cache cannot be recorded; the loss computes in fp32 with autocast off anyway.

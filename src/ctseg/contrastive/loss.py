@@ -69,11 +69,18 @@ def _compile_mode(compile: bool | str | None, mode: str, gather_negatives: bool)
         )
     if name not in COMPILE_MODES:
         raise ConfigError(f"CT loss: compile={compile!r} is not a bool or one of {list(COMPILE_MODES)}")
-    if mode != "paper":
-        raise ConfigError("CT loss: compile needs mode='paper' (the reference mode reads sizes on the host)")
-    if gather_negatives:
-        raise ConfigError("CT loss: compile does not support gather_negatives (collectives with autograd)")
+    _require_paper_mode("compile", mode, gather_negatives, "collectives with autograd")
     return name
+
+
+def _require_paper_mode(option: str, mode: str, gather_negatives: bool, collectives: str) -> None:
+    """``compile`` and ``cuda_graph`` need a loss with fixed shapes and no host reads or collectives."""
+    if mode != "paper":
+        raise ConfigError(
+            f"CT loss: {option} needs mode='paper' (the reference mode reads sizes on the host)"
+        )
+    if gather_negatives:
+        raise ConfigError(f"CT loss: {option} does not support gather_negatives ({collectives})")
 
 
 def _recordable(mask: torch.Tensor) -> bool:
@@ -84,15 +91,9 @@ def _recordable(mask: torch.Tensor) -> bool:
 def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool) -> bool:
     if not isinstance(cuda_graph, bool):
         raise ConfigError(f"CT loss: cuda_graph must be true or false, got {cuda_graph!r}")
-    if not cuda_graph:
-        return False
-    if mode != "paper":
-        raise ConfigError(
-            "CT loss: cuda_graph needs mode='paper' (the reference mode reads sizes on the host)"
-        )
-    if gather_negatives:
-        raise ConfigError("CT loss: cuda_graph does not support gather_negatives (collectives in a graph)")
-    return True
+    if cuda_graph:
+        _require_paper_mode("cuda_graph", mode, gather_negatives, "collectives in a graph")
+    return cuda_graph
 
 
 class PatchContrastiveLoss(nn.Module):
