@@ -26,34 +26,15 @@ import argparse
 import json
 import os
 import statistics
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from ct_loss import (  # the script's folder
-    CHANNELS,
-    IGNORE,
-    NUM_CLASSES,
-    SIZE,
-    STRIDES,
-    dubai_masks,
-    step_setup,
-)
+from ct_loss import CHANNELS, IGNORE, NUM_CLASSES, loss_inputs, step_setup, timed  # the script's folder
 from ctseg.contrastive import PatchContrastiveLoss
 
 MiB = 2**20
-
-
-def _inputs(batch: int, device: torch.device):
-    mask = dubai_masks(batch).to(device)
-    g = torch.Generator().manual_seed(0)
-    feats = [
-        torch.randn(batch, c, SIZE // p, SIZE // p, generator=g).to(device).requires_grad_()
-        for c, p in zip(CHANNELS, STRIDES, strict=True)
-    ]
-    return feats, mask
 
 
 def _loss(cuda_graph: bool, device: torch.device, **kw) -> PatchContrastiveLoss:
@@ -64,7 +45,7 @@ def _loss(cuda_graph: bool, device: torch.device, **kw) -> PatchContrastiveLoss:
 
 def deterministic_recording(device: torch.device) -> dict:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    feats, mask = _inputs(2, device)
+    feats, mask = loss_inputs(2, device)
     out = {}
     for loss in ("cl", "infonce"):
         fn = _loss(True, device, loss=loss)
@@ -84,7 +65,7 @@ def deterministic_recording(device: torch.device) -> dict:
 def memory(device: torch.device, batch: int = 8) -> dict:
     out = {}
     for name, graph in (("eager", False), ("graph", True)):
-        feats, mask = _inputs(batch, device)
+        feats, mask = loss_inputs(batch, device)
         fn = _loss(graph, device)
         torch.cuda.synchronize()
         a0, r0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
@@ -121,7 +102,7 @@ def _kernel_stats(fn, steps: int) -> tuple[float, float]:
 
 
 def kernels(device: torch.device, batch: int = 8) -> dict:
-    feats, mask = _inputs(batch, device)
+    feats, mask = loss_inputs(batch, device)
     out = {}
     for name, graph in (("eager", False), ("graph", True)):
         for loss in ("cl", "infonce"):
@@ -138,12 +119,7 @@ def step(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = [timed(fn, device) for _ in range(repeats)]
         n, busy = _kernel_stats(fn, 3)
         out[config] = {"wall_ms": statistics.median(times) * 1000, "kernel_ms": busy, "kernels": n}
         del fn

@@ -126,13 +126,20 @@ def make_ct(variant: str, device: torch.device, **kw) -> PatchContrastiveLoss:
 
 
 # --------------------------------------------------------------------------- loss alone
-def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
+def loss_inputs(batch: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Stage maps ``(B, C_s, SIZE / p_s, SIZE / p_s)`` (random, seed 0, requiring grad) and real Dubai
+    label crops ``(B, SIZE, SIZE)``: the inputs of the loss-alone measurements."""
     mask = dubai_masks(batch).to(device)
     g = torch.Generator().manual_seed(0)
     feats = [
         torch.randn(batch, c, SIZE // p, SIZE // p, generator=g).to(device).requires_grad_()
-        for c, p in zip(CHANNELS, STRIDES)
+        for c, p in zip(CHANNELS, STRIDES, strict=True)
     ]
+    return feats, mask
+
+
+def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
+    feats, mask = loss_inputs(batch, device)
     variants = [*VARIANTS, *(CUDA_LOSS_EXTRA if device.type == "cuda" else ())]
     cts = {v: make_ct(v, device, clip=None) for v in variants}
 
