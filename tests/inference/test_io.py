@@ -28,6 +28,37 @@ COLORS = [(255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0
 SETTINGS = SlidingWindow(window=32, overlap=8, batch_size=4)
 
 
+def test_every_output_is_fsynced_exactly_once_before_the_rename(
+    tmp_path: Path, smooth_image: np.ndarray, monkeypatch
+) -> None:
+    """The write lanes fsync their files in parallel; the rename then does not fsync them again, and a
+    file not marked as synced still is."""
+    import os as os_module
+
+    from ctseg.inference import io as io_module
+
+    synced: list[str] = []
+    real_fsync = os_module.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(os_module.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os_module, "fsync", counting_fsync)
+    src = tmp_path / "tile.png"
+    Image.fromarray(smooth_image).save(src)
+    res = predict_file(pointwise_net(5), src, tmp_path / "out", SETTINGS, num_classes=5, probs=True)
+    assert len(synced) == len(set(synced)) == len(res.outputs) == 3  # labels, colour, probabilities
+    synced.clear()
+    with io_module.OutputSet(tmp_path) as out:
+        done, other = out.path("done.txt"), out.path("other.txt")
+        done.write_text("a")
+        other.write_text("b")
+        out.synced(done)
+    assert [Path(p).name for p in synced] == [other.name]
+    assert (tmp_path / "done.txt").read_text() == "a" and (tmp_path / "other.txt").read_text() == "b"
+
+
 @pytest.mark.parametrize(("channels", "palette"), [(1, None), (1, COLORS), (3, None)])
 def test_png_stream_writer_round_trips(
     tmp_path: Path, rng: np.random.Generator, channels: int, palette

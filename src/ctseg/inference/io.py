@@ -314,6 +314,12 @@ class OutputSet:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self._pending: list[tuple[Path, Path]] = []
+        self._synced: set[Path] = set()
+
+    def synced(self, tmp: Path) -> None:
+        """``tmp`` is complete and already flushed to disk (its writer fsynced it, e.g. in parallel with
+        the others): the rename need not fsync it again."""
+        self._synced.add(Path(tmp))
 
     def path(self, name: str) -> Path:
         target = self.folder / name
@@ -338,8 +344,9 @@ class OutputSet:
         if exc_type is None:
             try:
                 for tmp, _ in self._pending:
-                    with open(tmp, "rb+") as fh:
-                        os.fsync(fh.fileno())
+                    if tmp not in self._synced:
+                        with open(tmp, "rb+") as fh:
+                            os.fsync(fh.fileno())
                 for tmp, target in self._pending:
                     os.replace(tmp, target)
             except OSError as err:

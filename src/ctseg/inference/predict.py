@@ -143,18 +143,20 @@ def _write(writer: RowWriter, block: _HostBlock, key: str, target: Path, more: b
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
 
-def _close(writer: RowWriter, target: Path) -> None:
-    """Close ``writer`` and flush its file to disk, in its write thread: files are finished in parallel,
-    and the fsync that :class:`OutputSet` does before renaming then finds nothing left to write."""
+def _close(writer: RowWriter, target: Path) -> bool:
+    """Close ``writer`` and flush its file to disk, in its write thread: files are finished in parallel.
+    Returns whether the file was fsynced here (then :class:`OutputSet` need not do it again)."""
     try:
         writer.close()
         path = getattr(writer, "path", None)
-        if path is not None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if path is None:
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
@@ -261,9 +263,12 @@ def predict_file(
                     # The last blocks and the closing (final tiles, PNG trailer, fsync) of all files run
                     # in parallel, one lane per file; waiting for them in any order takes the longest.
                     assert items is not None
-                    closing = [lanes[k].submit(_close, items[k], out_dir / names[k]) for k in items]
-                    for f in [f for _, fs in in_flight for f in fs] + closing:
+                    closing = {k: lanes[k].submit(_close, items[k], out_dir / names[k]) for k in items}
+                    for f in [f for _, fs in in_flight for f in fs]:
                         f.result()
+                    for k, f in closing.items():
+                        if f.result():
+                            out.synced(paths[k])
                 finally:
                     # No writer may be closed (after an error, by `_opened_in_background`) while a lane
                     # writes to it.
