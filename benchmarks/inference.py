@@ -234,7 +234,7 @@ def worker(args: argparse.Namespace) -> dict:
     # On CUDA the forward spans are launch times (kernels run asynchronously): head, waits and the
     # tail after the last block are still host time the device may not hide.
     timed = args.simulate_forward_ms is not None or device.startswith("cuda")
-    waits = timeline(net, lambda: full_run()) if timed else {}
+    waits = timeline(net, full_run) if timed else {}
     raw_t, full, compute = (statistics.median(v) for v in (raws, fulls, computes))
     mpx = height * width / 1e6
     return {
@@ -306,11 +306,11 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     import ctseg.inference.predict as cpredict
 
     handed: list[float] = []  # when each finished block was handed to the writers
-    start_copy = getattr(cpredict, "_start_copy", None)
+    start_copy = cpredict._start_copy
 
     def timed_start_copy(*a: Any, **k: Any) -> Any:
         try:
-            return start_copy(*a, **k)  # type: ignore[misc]
+            return start_copy(*a, **k)
         finally:
             handed.append(time.perf_counter())
 
@@ -325,8 +325,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
 
     Future.result, ThreadPoolExecutor.submit = result, submit  # type: ignore[method-assign]
     net.forward = timed_forward  # type: ignore[method-assign]
-    if start_copy is not None:
-        cpredict._start_copy = timed_start_copy
+    cpredict._start_copy = timed_start_copy
     try:
         t0 = time.perf_counter()
         run()
@@ -334,15 +333,14 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     finally:
         Future.result, ThreadPoolExecutor.submit = original_result, original_submit  # type: ignore[method-assign]
         del net.forward
-        if start_copy is not None:
-            cpredict._start_copy = start_copy
+        cpredict._start_copy = start_copy
     f = spans["forward"]
     return {
         "head_s": round(f[0][0] - t0, 3),
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
-        "tail_after_last_block_s": round(t1 - handed[-1], 3) if handed else None,
+        "tail_after_last_block_s": round(t1 - handed[-1], 3),
         "forward_s": round(sum(b - a for a, b in f), 3),
         "timeline_full_s": round(t1 - t0, 3),
     }
