@@ -39,16 +39,9 @@ CT_SETTINGS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "cl": {"loss": "cl", "mode": "paper", "smoothing": 0.1, "clip": 1.0},
     "infonce": {"loss": "infonce", "mode": "paper", "temperature": 0.1, "clip": 1.0},
-    # The same losses recorded as CUDA graphs (ctseg.contrastive.graphs; eager on CPU): --ct none cl cl+graph
-    "cl+graph": {"loss": "cl", "mode": "paper", "smoothing": 0.1, "clip": 1.0, "cuda_graph": True},
-    "infonce+graph": {
-        "loss": "infonce",
-        "mode": "paper",
-        "temperature": 0.1,
-        "clip": 1.0,
-        "cuda_graph": True,
-    },
 }
+# The same losses recorded as CUDA graphs (ctseg.contrastive.graphs; eager on CPU): --ct none cl cl+graph
+CT_SETTINGS.update({f"{name}+graph": {**CT_SETTINGS[name], "cuda_graph": True} for name in ("cl", "infonce")})
 DEFAULT_CT = ("none", "cl", "infonce")
 
 
