@@ -8,16 +8,20 @@ gather, so that the graphs never hold a copy of the feature maps:
 1. **sampling** (no gradient): mask (and class probabilities) → patch class counts → sampled rows;
 2. eager: ``gather_sampled_rows`` reads the sampled rows of every stage's feature map (one indexing op per
    stage; its backward scatters into the maps' gradients);
-3. **tail** (forward and backward graphs, via :func:`torch.cuda.make_graphed_callables`): projection
+3. **tail** (forward and backward graphs, recorded by :func:`graphed`): projection
    heads, hard-pair mining, loss terms, clip, weight and packed stats.
 
 With ``compile`` also set, both parts are ``torch.compile``'d before they are recorded (fewer, fused
 kernels in the graphs: less device time).
 
-Both graphs share one private memory pool. Memory (H100, DCPoolFormer B = 8, docs/benchmarks.md):
-the graphs' own buffers are small (≈ 36 MB of static inputs and outputs, a 42 MiB pool), but
-``make_graphed_callables`` records on a side stream, for which cuBLAS and cuBLASLt allocate their
-workspaces (2 × 32 MiB with torch 2.11): most of the ≈ +4 % of peak memory over the eager loss.
+Both graphs share one private memory pool. Memory: the graphs' own buffers are small (≈ 36 MB of
+static inputs and outputs and a 42 MiB pool at DCPoolFormer B = 8 on an H100, docs/benchmarks.md).
+What costs more is the stream a graph is recorded on: cuBLAS keeps a workspace per (thread handle,
+stream) for the life of the process, 32 MiB each on Hopper, and both the forward (this thread) and the
+backward (autograd's device thread) run GEMMs. ``torch.cuda.make_graphed_callables`` warms up (and,
+in torch 2.14, also records) on a fresh stream at every call, so each recording left 65 MiB of
+workspaces behind, twice per signature (H100, torch 2.11: memory snapshot). :func:`graphed` warms up and records on one side stream per
+device (:func:`capture_stream`), shared by every recording of the process: those workspaces exist once.
 
 A graph is recorded per input signature (shapes, dtypes, ``requires_grad``); random draws come from
 the CUDA generator's graph-safe Philox state, so every replay draws afresh and a seeded run is
@@ -211,6 +215,125 @@ def split_loss(loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid]) -> Spl
     return SplitPaperLoss(sample, tail, params, _negative_slots(loss_fn), with_probs)
 
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream on which every graph of this process is warmed up and recorded, one per device.
+
+    cuBLAS's workspaces are per (thread handle, stream) and are never freed: one stream for all
+    recordings means they are paid once, not once per recording.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _CAPTURE_STREAMS[index]
+
+
+@dataclass
+class _Recording:
+    """A function's forward graph (and, where it has differentiable outputs, backward graph) with the
+    static buffers they read and write."""
+
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph | None
+    inputs: tuple[torch.Tensor, ...]
+    outputs: tuple[torch.Tensor, ...]
+    grad_outputs: tuple[torch.Tensor | None, ...]  # None where an output is not differentiable
+    grad_inputs: tuple[torch.Tensor | None, ...]  # None where an input needs no (or gets no) gradient
+
+    def load(self, tensors: Sequence[torch.Tensor], into: Sequence[torch.Tensor | None]) -> None:
+        # A caller that passes the static buffer itself (the tail reads the sampling's outputs) costs
+        # no copy.
+        for x, static in zip(tensors, into, strict=True):
+            if static is not None and x.data_ptr() != static.data_ptr():
+                static.copy_(x)
+
+
+class _Replay(torch.autograd.Function):
+    """Autograd node of a recorded function: the forward replays its forward graph, the backward its
+    backward graph. Outputs and input gradients are the recording's static buffers (views of them)."""
+
+    @staticmethod
+    def forward(ctx, rec: _Recording, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        rec.load(inputs, rec.inputs)
+        rec.forward.replay()
+        ctx.rec = rec
+        outputs = tuple(o.detach() for o in rec.outputs)
+        ctx.mark_non_differentiable(*(o for o, g in zip(outputs, rec.grad_outputs, strict=True) if g is None))
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        rec: _Recording = ctx.rec
+        assert rec.backward is not None
+        for grad, static in zip(grads, rec.grad_outputs, strict=True):
+            if static is not None:
+                if grad is None:
+                    static.zero_()
+                elif grad.data_ptr() != static.data_ptr():
+                    static.copy_(grad)
+        rec.backward.replay()
+        return (None, *(None if g is None else g.detach() for g in rec.grad_inputs))
+
+
+def graphed(
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    args: Sequence[torch.Tensor],
+    pool: tuple[int, int],
+    stream: torch.cuda.Stream,
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``fn`` recorded for these example inputs, as a callable with ``fn``'s signature that replays it.
+
+    What :func:`torch.cuda.make_graphed_callables` does for one function, on a given stream: one eager
+    warm-up (lazy initialisation, compilation, cuBLAS workspaces) and the recordings all run on
+    ``stream``. ``args`` become the static inputs (later calls copy into them unless they pass those
+    very tensors); inputs that require grad get gradients, unused ones None.
+    """
+    args = tuple(args)
+    wants_grad = [a for a in args if a.requires_grad]
+    torch.cuda.synchronize()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn(*args)
+        differentiable = [o for o in out if o.requires_grad]
+        if differentiable and wants_grad:
+            torch.autograd.grad(
+                differentiable, wants_grad, [torch.zeros_like(o) for o in differentiable], allow_unused=True
+            )
+        del out, differentiable
+    torch.cuda.synchronize()
+
+    forward = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(forward, pool=pool, stream=stream):
+        outputs = tuple(fn(*args))
+    grad_outputs = tuple(torch.empty_like(o) if o.requires_grad else None for o in outputs)
+    backward, grad_inputs = None, tuple(None for _ in args)
+    if wants_grad and any(g is not None for g in grad_outputs):
+        backward = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(backward, pool=pool, stream=stream):
+            grads = iter(
+                torch.autograd.grad(
+                    [o for o in outputs if o.requires_grad],
+                    wants_grad,
+                    [g for g in grad_outputs if g is not None],
+                    allow_unused=True,
+                )
+            )
+            grad_inputs = tuple(next(grads) if a.requires_grad else None for a in args)
+    rec = _Recording(forward, backward, args, tuple(o.detach() for o in outputs), grad_outputs, grad_inputs)
+
+    def replay(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if rec.backward is not None and torch.is_grad_enabled():
+            return _Replay.apply(rec, *inputs)
+        rec.load(inputs, rec.inputs)
+        rec.forward.replay()
+        return tuple(o.detach() for o in rec.outputs)
+
+    return replay
+
+
 def record(
     loss_fn: PatchContrastiveLoss,
     used: Sequence[torch.Tensor],
@@ -223,11 +346,11 @@ def record(
     The inputs serve as examples only: the graphs read copies of them, which the replays overwrite.
     """
     parts = split_loss(loss_fn, grids)
-    pool = torch.cuda.graph_pool_handle()
+    pool, stream = torch.cuda.graph_pool_handle(), capture_stream(mask.device)
     sample_args = (mask.clone(), *([probs.detach().clone()] if parts.with_probs else []))
     # Autocast's weight cache cannot be recorded; the loss computes in fp32 with autocast off anyway.
     with torch.autocast(device_type="cuda", enabled=False):
-        sample = torch.cuda.make_graphed_callables(parts.sample, sample_args, pool=pool)
+        sample = graphed(parts.sample, sample_args, pool, stream)
         sample_out = sample(*sample_args)  # static outputs: the tail reads them in place (no copy)
         rows = [
             r.detach().clone().requires_grad_(f.requires_grad)
@@ -235,9 +358,7 @@ def record(
         ]
         # The parameters' own storage is the graph's input (same address on every call: no copy).
         param_args = [p.detach().requires_grad_(p.requires_grad) for p in parts.params]
-        tail = torch.cuda.make_graphed_callables(
-            parts.tail, (*rows, *param_args, *sample_out), pool=pool, allow_unused_input=True
-        )
+        tail = graphed(parts.tail, (*rows, *param_args, *sample_out), pool, stream)
     return dataclasses.replace(parts, sample=sample, tail=tail)
 
 
