@@ -230,6 +230,25 @@ def worker(args: argparse.Namespace) -> dict:
         raws.append(raw())
         computes.append(compute_run(net, reader_mem, settings, device))
     del reader_mem
+    ablated: dict[str, Any] = {}
+    if args.ablate_writeback:  # full runs without early writeback, alternating with ones with it
+        import ctseg.inference.predict as cpredict
+
+        with_wb, without_wb = [], []
+        for _ in range(args.repeat):
+            cpredict.EARLY_WRITEBACK = False
+            try:
+                without_wb.append(full_run())
+            finally:
+                cpredict.EARLY_WRITEBACK = True
+            with_wb.append(full_run())
+        ablated = {
+            "writeback_full_s": [round(v, 3) for v in with_wb],
+            "no_writeback_full_s": [round(v, 3) for v in without_wb],
+            "no_writeback_over_writeback": round(
+                statistics.median(without_wb) / statistics.median(with_wb) - 1, 4
+            ),
+        }
     read, write = io_split(args.scene, out, settings)
     # On CUDA the forward spans are launch times (kernels run asynchronously): head, waits and the
     # tail after the last block are still host time the device may not hide.
@@ -263,6 +282,7 @@ def worker(args: argparse.Namespace) -> dict:
         "gpu_peak_mb": None if gpu_peak is None else round(gpu_peak, 1),
         "outputs_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1),
         "simulated_forward_ms": args.simulate_forward_ms,
+        **ablated,
         **waits,
     }
 
@@ -278,6 +298,9 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     ``tail_after_last_block_s`` after the last block was handed to the writers (host I/O only; since
     ``predict_file`` hands the last strip over in blocks of ``FINAL_BLOCK_ROWS`` rows, that is the last
     of these small blocks: compare ``tail_s`` across versions);
+    ``tail_after_last_write_s``: from the start of the last block's write (its rows are on the host) to
+    the return; ``close_s`` / ``fsync_s``: the longest closing of a file (last tiles, trailer, fsync) /
+    the longest fsync in it, which run in parallel, one write lane per file;
     ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """
@@ -314,6 +337,20 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         finally:
             handed.append(time.perf_counter())
 
+    # The write lanes: each block's write, each file's closing (last tiles, trailer, fsync) and its fsync.
+    lane_spans: dict[str, list[tuple[float, float]]] = {"write": [], "close": [], "fsync": []}
+    write_fn, close_fn, fsync_fn = cpredict._write, cpredict._close, os.fsync
+
+    def spanned(kind: str, fn: Any) -> Any:
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                lane_spans[kind].append((t0, time.perf_counter()))
+
+        return timed
+
     forward = net.forward
 
     def timed_forward(*a: Any, **k: Any) -> Any:
@@ -326,6 +363,8 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     Future.result, ThreadPoolExecutor.submit = result, submit  # type: ignore[method-assign]
     net.forward = timed_forward  # type: ignore[method-assign]
     cpredict._start_copy = timed_start_copy
+    cpredict._write, cpredict._close = spanned("write", write_fn), spanned("close", close_fn)
+    os.fsync = spanned("fsync", fsync_fn)
     try:
         t0 = time.perf_counter()
         run()
@@ -334,13 +373,20 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         Future.result, ThreadPoolExecutor.submit = original_result, original_submit  # type: ignore[method-assign]
         del net.forward
         cpredict._start_copy = start_copy
+        cpredict._write, cpredict._close, os.fsync = write_fn, close_fn, fsync_fn
     f = spans["forward"]
+    last_write = max(a for a, _ in lane_spans["write"])
     return {
         "head_s": round(f[0][0] - t0, 3),
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
         "tail_after_last_block_s": round(t1 - handed[-1], 3),
+        # From the start of the last block's write (its rows are on the host) to the return: the
+        # host's own tail (with the write of that block, the closing and the fsync of every file).
+        "tail_after_last_write_s": round(t1 - last_write, 3),
+        "close_s": round(max(b - a for a, b in lane_spans["close"]), 3),
+        "fsync_s": round(max(b - a for a, b in lane_spans["fsync"]), 3),
         "forward_s": round(sum(b - a for a, b in f), 3),
         "timeline_full_s": round(t1 - t0, 3),
     }
@@ -432,6 +478,12 @@ def main() -> int:
         default=3,
         help="full, raw and compute runs per size, alternating; medians reported (default 3)",
     )
+    p.add_argument(
+        "--ablate-writeback",
+        action="store_true",
+        help="also time --repeat full runs without early writeback (predict.EARLY_WRITEBACK), alternating "
+        "with as many with it",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scene", type=Path, help=argparse.SUPPRESS)
@@ -460,8 +512,8 @@ def main() -> int:
                 v = getattr(args, k)
                 if v is not None:
                     cmd += [f"--{k.replace('_', '-')}", str(v)]
-            if args.probs:
-                cmd.append("--probs")
+            cmd += ["--probs"] if args.probs else []
+            cmd += ["--ablate-writeback"] if args.ablate_writeback else []
             env = dict(
                 os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
             )
@@ -509,18 +561,28 @@ def main() -> int:
             f"| {r['size']} | {r['raw_s']} | {r['compute_s']} | {r['read_s']} | {r['write_s']} | {r['full_s']} "
             f"| {100 * r['full_over_compute']:.1f}% |"
         )
+    if any("no_writeback_full_s" in r for r in results):
+        print("\nEarly writeback (predict.EARLY_WRITEBACK), full runs alternating, seconds:")
+        print("| scene | with | without | without / with − 1 |")
+        print("|---|---|---|---:|")
+        for r in results:
+            print(
+                f"| {r['size']} | {r['writeback_full_s']} | {r['no_writeback_full_s']} "
+                f"| {100 * r['no_writeback_over_writeback']:.1f}% |"
+            )
     if any("head_s" in r for r in results):
         what = "(simulated) forward" if sim is not None else "forward (CUDA: its launch; kernels run async)"
         print(f"\nWhere the prediction thread waits instead of running the {what}, seconds:")
         print(
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
-            "| of which after the last block |"
+            "| of which after the last block | after its write began | longest close | longest fsync |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
-                f"| {r['wait_write_s']} | {r['tail_s']} | {r['tail_after_last_block_s']} |"
+                f"| {r['wait_write_s']} | {r['tail_s']} | {r['tail_after_last_block_s']} "
+                f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} |"
             )
     if args.json:
         from ctseg.utils.io import atomic_write_json

@@ -446,3 +446,56 @@ def test_blocks_ahead_of_slow_writers_are_bounded_by_the_byte_budget(
         assert max(ahead) > cpred.WRITE_BEHIND + 1  # a large budget lets the host run further ahead
     else:
         assert max(ahead[:-2]) <= bound + 1  # started minus written, counting this one; last strip free
+
+
+def test_writeback_starts_the_finished_pieces_of_a_growing_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Writeback.advance`` asks for the whole STEP-sized pieces the file gained since the last call,
+    never the unfinished end (a page under writeback would stall the next write to it)."""
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(cio, "_SYNC_FILE_RANGE", lambda fd, off, n, flags: calls.append((off, n, flags)) or 0)
+    monkeypatch.setattr(cio.Writeback, "STEP", 100)
+    path = tmp_path / "growing.bin"
+    wb = cio.Writeback(path)
+    wb.advance()  # no file yet: nothing, no error
+    with open(path, "wb") as fh:
+        for size, expected in ((50, []), (120, [(0, 100)]), (180, []), (430, [(100, 300)])):
+            calls.clear()
+            fh.write(b"x" * (size - fh.tell()))
+            fh.flush()
+            wb.advance()
+            assert [(off, n) for off, n, _ in calls] == expected
+            assert all(flags == 2 for *_, flags in calls)  # SYNC_FILE_RANGE_WRITE: start, do not wait
+
+
+@pytest.mark.skipif(cio._SYNC_FILE_RANGE is None, reason="sync_file_range is Linux-only")
+def test_outputs_with_early_writeback_are_the_files_without_it(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real sync_file_range, with a step small enough that the files' growth starts some writing.
+    import ctseg.inference.predict as cpredict
+
+    src = tmp_path / "scene.tif"
+    write_geotiff(src, rng.integers(0, 256, (600, 520, 3), dtype=np.uint8))  # noisy: files that grow
+    started: list[int] = []
+    real = cio._SYNC_FILE_RANGE
+
+    def counting(fd: int, off: int, n: int, flags: int) -> int:
+        started.append(n)
+        return real(fd, off, n, flags)
+
+    monkeypatch.setattr(cio, "_SYNC_FILE_RANGE", counting)
+    monkeypatch.setattr(cio.Writeback, "STEP", 4096)
+    outputs = []
+    for early in (True, False):
+        monkeypatch.setattr(cpredict, "EARLY_WRITEBACK", early)
+        res = predict_file(
+            pointwise_net(5), src, tmp_path / f"out{early}", SETTINGS, num_classes=5, probs=True
+        )
+        outputs.append({k: p.read_bytes() for k, p in res.outputs.items()})
+        if early:
+            assert started and all(n > 0 and n % 4096 == 0 for n in started)
+            started.clear()
+    assert not started  # without it, no call
+    assert outputs[0] == outputs[1]
