@@ -3,6 +3,7 @@
 Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
 
     python3 benchmarks/ct_graph_check.py --json ct-graph.json
+    python3 benchmarks/ct_graph_check.py --parts snapshot workspaces   # some of them
 
 1. **Recording under deterministic algorithms** (``torch.use_deterministic_algorithms(True)``, as
    ``ctseg fit --trainer.deterministic true`` sets): recorded, or the fallback warning's text.
@@ -204,20 +205,32 @@ def workspaces(device: torch.device, batch: int = 8) -> dict:
     return out
 
 
+PARTS = {
+    "deterministic": deterministic_recording,
+    "memory": memory,
+    "kernels": kernels,
+    "step": step,
+    "snapshot": snapshot,
+    "workspaces": workspaces,
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(PARTS),
+        choices=list(PARTS),
+        help="which diagnostics to run (default: all, in this order)",
+    )
     args = ap.parse_args()
     device = torch.device("cuda")
     res: dict[str, object] = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
-    for name, part in (
-        ("deterministic", deterministic_recording),
-        ("memory", memory),
-        ("kernels", kernels),
-        ("step", step),
-        ("snapshot", snapshot),
-        ("workspaces", workspaces),
-    ):
+    for name, part in PARTS.items():
+        if name not in args.parts:
+            continue
         try:
             res[name] = part(device)
         except Exception as exc:  # report and go on: every part is a separate question

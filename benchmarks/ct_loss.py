@@ -233,9 +233,18 @@ def step_memory_cuda(config: str, device: torch.device, batch: int, warmup: int 
     for _ in range(steps):
         step()
     sync(device)
+    # What stays allocated after the steps, by (stream, pool): the default stream's share is the
+    # model's state; a recorded loss adds its capture stream's cuBLAS workspaces and static buffers.
+    held: dict[str, float] = {}
+    main_stream = torch.cuda.current_stream(device).cuda_stream
+    for seg in torch.cuda.memory_snapshot():
+        where = "main" if seg["stream"] == main_stream else "side"
+        where += "" if tuple(seg["segment_pool_id"]) == (0, 0) else "/graph-pool"
+        held[where] = held.get(where, 0.0) + seg["allocated_size"] / 2**20
     return {
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "held_after_mib": {k: round(v, 1) for k, v in sorted(held.items())},
     }
 
 
@@ -415,6 +424,7 @@ def main() -> None:
                     if "reserved_gib" in r
                     else ""
                 )
+                + (f"   held after (MiB) {r['held_after_mib']}" if "held_after_mib" in r else "")
             )
     if args.json:
         atomic_write_json(args.json, results)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (the parts' time boxes add up to 825 s, more than one 600 s device call: run subsets with PARTS). From the repository root:
+# One script for a lent GPU (the parts' time boxes add up to 915 s, more than one 600 s device call: run subsets with PARTS). From the repository root:
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh
 # On the workplace's device machine (python3 with torch, no jsonargparse/rasterio, no internet): carry the
 # wheels in .whl/ (jsonargparse, docstring-parser, typeshed-client, rasterio, affine, cligj, click-plugins;
@@ -17,7 +17,8 @@
 #   5. sliding-window inference on generated 3000² / 6000² GeoTIFFs (benchmarks/inference.py)
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
 # PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
-# the GPU tests' selection (default: `-m gpu tests`).
+# the GPU tests' selection (default: `-m gpu tests`); CT_GRAPH_PARTS="snapshot workspaces" picks
+# diagnostics of part 3b; INFERENCE_ARGS adds options to part 5 (e.g. --ablate-writeback --repeat 5).
 set -u
 OUT="${OUT:-gpu-check-out}"
 if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then PYTHON=python3; fi
@@ -60,13 +61,15 @@ part() {  # part NAME TIMEOUT_S CMD...
 
 part env 30 bash -c "nvidia-smi; $PY -c 'import torch, lightning, timm; print(torch.__version__, torch.version.cuda, lightning.__version__, timm.__version__, torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())'"
 # shellcheck disable=SC2086  # PYTEST_ARGS is a word list on purpose
-part pytest-gpu 150 "$PY" -m pytest -q -p no:cacheprovider --timeout=120 ${PYTEST_ARGS:--m gpu tests}
+part pytest-gpu 240 "$PY" -m pytest -q -p no:cacheprovider --timeout=120 ${PYTEST_ARGS:--m gpu tests}
 part ct-loss 150 "$PY" benchmarks/ct_loss.py --device cuda --repeats 10 --warmup 3 --memory-steps 1 \
   --json "$OUT/ct-loss.json"
-part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json"
+# shellcheck disable=SC2086  # word lists on purpose
+part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json" ${CT_GRAPH_PARTS:+--parts $CT_GRAPH_PARTS}
 part training-bf16 150 "$PY" benchmarks/training.py --device cuda --precision bf16 --size 512 --batch 16 \
   --steps 5 --warmup 2 --ct none cl infonce cl+graph infonce+graph  # its table is in the log (the device tool returns at most 8 files)
-part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json"
+# shellcheck disable=SC2086
+part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json" ${INFERENCE_ARGS:-}
 
 {
   echo
