@@ -18,7 +18,7 @@
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
 # PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
 # the GPU tests' selection (default: `-m gpu tests`); CT_GRAPH_PARTS="snapshot workspaces" picks
-# diagnostics of part 3b; INFERENCE_ARGS adds options to part 5 (e.g. --ablate-writeback --repeat 5).
+# diagnostics of part 3b; INFERENCE_ARGS adds options to part 5 (e.g. --repeat 5).
 set -u
 OUT="${OUT:-gpu-check-out}"
 if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then PYTHON=python3; fi

@@ -230,25 +230,6 @@ def worker(args: argparse.Namespace) -> dict:
         raws.append(raw())
         computes.append(compute_run(net, reader_mem, settings, device))
     del reader_mem
-    ablated: dict[str, Any] = {}
-    if args.ablate_writeback:  # full runs without early writeback, alternating with ones with it
-        import ctseg.inference.predict as cpredict
-
-        with_wb, without_wb = [], []
-        for _ in range(args.repeat):
-            cpredict.EARLY_WRITEBACK = False
-            try:
-                without_wb.append(full_run())
-            finally:
-                cpredict.EARLY_WRITEBACK = True
-            with_wb.append(full_run())
-        ablated = {
-            "writeback_full_s": [round(v, 3) for v in with_wb],
-            "no_writeback_full_s": [round(v, 3) for v in without_wb],
-            "no_writeback_over_writeback": round(
-                statistics.median(without_wb) / statistics.median(with_wb) - 1, 4
-            ),
-        }
     read, write = io_split(args.scene, out, settings)
     # On CUDA the forward spans are launch times (kernels run asynchronously): head, waits and the
     # tail after the last block are still host time the device may not hide.
@@ -282,7 +263,6 @@ def worker(args: argparse.Namespace) -> dict:
         "gpu_peak_mb": None if gpu_peak is None else round(gpu_peak, 1),
         "outputs_mb": round(sum(p.stat().st_size for p in out.iterdir()) / 2**20, 1),
         "simulated_forward_ms": args.simulate_forward_ms,
-        **ablated,
         **waits,
     }
 
@@ -478,12 +458,6 @@ def main() -> int:
         default=3,
         help="full, raw and compute runs per size, alternating; medians reported (default 3)",
     )
-    p.add_argument(
-        "--ablate-writeback",
-        action="store_true",
-        help="also time --repeat full runs without early writeback (predict.EARLY_WRITEBACK), alternating "
-        "with as many with it",
-    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scene", type=Path, help=argparse.SUPPRESS)
@@ -513,7 +487,6 @@ def main() -> int:
                 if v is not None:
                     cmd += [f"--{k.replace('_', '-')}", str(v)]
             cmd += ["--probs"] if args.probs else []
-            cmd += ["--ablate-writeback"] if args.ablate_writeback else []
             env = dict(
                 os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
             )
@@ -561,15 +534,6 @@ def main() -> int:
             f"| {r['size']} | {r['raw_s']} | {r['compute_s']} | {r['read_s']} | {r['write_s']} | {r['full_s']} "
             f"| {100 * r['full_over_compute']:.1f}% |"
         )
-    if any("no_writeback_full_s" in r for r in results):
-        print("\nEarly writeback (predict.EARLY_WRITEBACK), full runs alternating, seconds:")
-        print("| scene | with | without | without / with − 1 |")
-        print("|---|---|---|---:|")
-        for r in results:
-            print(
-                f"| {r['size']} | {r['writeback_full_s']} | {r['no_writeback_full_s']} "
-                f"| {100 * r['no_writeback_over_writeback']:.1f}% |"
-            )
     if any("head_s" in r for r in results):
         what = "(simulated) forward" if sim is not None else "forward (CUDA: its launch; kernels run async)"
         print(f"\nWhere the prediction thread waits instead of running the {what}, seconds:")

@@ -13,10 +13,8 @@ is ever left behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import struct
-import sys
 import tempfile
 import warnings
 import zlib
@@ -304,57 +302,6 @@ def check_output_dir(folder: str | Path) -> Path:
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write output here ({exc.strerror or exc})") from exc
     return folder
-
-
-def _sync_file_range() -> Any:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages (not those already being written)
-
-
-class Writeback:
-    """Has the kernel start writing a growing file's finished part to disk, without waiting for it.
-
-    A prediction's outputs are fsynced before they are renamed into place; with nothing written back
-    before that (the kernel waits up to 30 s by default), the fsync writes the whole file after the last
-    block, on the critical path. Called after every block instead, :meth:`advance` starts the writing
-    of the whole :data:`STEP`-sized pieces the file has gained, so that it overlaps the forward and the
-    final fsync only has the last piece left. The unfinished end of the file is left alone: a page under
-    writeback makes the next write to it wait. Linux only (``sync_file_range``); elsewhere, or if a
-    call fails, nothing happens: the fsync still makes the file durable.
-    """
-
-    STEP = 2**20
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.done = 0  # bytes from the start whose writing has been started
-
-    def advance(self) -> None:
-        if _SYNC_FILE_RANGE is None:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            end = os.fstat(fd).st_size // self.STEP * self.STEP
-            if end > self.done:
-                _SYNC_FILE_RANGE(fd, self.done, end - self.done, _SYNC_FILE_RANGE_WRITE)
-                self.done = end
-        finally:
-            os.close(fd)
 
 
 class OutputSet:

@@ -34,7 +34,6 @@ from ctseg.inference.io import (
     OutputSet,
     PNGStreamWriter,
     RowWriter,
-    Writeback,
     check_output_dir,
     gdal_env,
     open_scene,
@@ -90,10 +89,6 @@ WRITE_BEHIND_BYTES = 32 * 2**20
 # negligible. Only for labels and colours (exact operations per pixel); probabilities are written as
 # before, the last strip as one block.
 FINAL_BLOCK_ROWS = 64
-# Each write lane asks the kernel to start writing its file back after every block
-# (:class:`~ctseg.inference.io.Writeback`), so that the fsync before the rename has only the last
-# blocks to flush. benchmarks/inference.py --ablate-writeback times the runs without it side by side.
-EARLY_WRITEBACK = True
 
 
 @dataclass
@@ -138,24 +133,14 @@ def _start_copy(block: torch.Tensor, probs: bool) -> _HostBlock:
     return _HostBlock(host, ready)
 
 
-def _write(
-    writer: RowWriter,
-    block: _HostBlock,
-    key: str,
-    target: Path,
-    more: bool = False,
-    writeback: Writeback | None = None,
-) -> None:
+def _write(writer: RowWriter, block: _HostBlock, key: str, target: Path, more: bool = False) -> None:
     """Write one block; ``more``: the next block continues it (a PNG keeps building the same chunk, so
-    that the file is the same as if both had come as one block); ``writeback``: the file's early
-    writeback, advanced after the block."""
+    that the file is the same as if both had come as one block)."""
     rows = block.get("labels" if key == "color" else key)
     try:
         writer.write(rows, more=more)
     except OSError as exc:  # disk full, quota, I/O error: the user's output location, not a bug
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
-    if writeback is not None:
-        writeback.advance()
 
 
 def _close(writer: RowWriter, target: Path) -> bool:
@@ -227,7 +212,6 @@ def predict_file(
             # and its forward queued meanwhile, and they are only needed for the first finished block.
             with _opened_in_background(spec) as opening:
                 lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in names}
-                writebacks = {k: Writeback(paths[k]) if EARLY_WRITEBACK else None for k in names}
                 in_flight: deque[tuple[int, list[Future[None]]]] = deque()  # (host bytes, writes)
                 pending_bytes = 0
                 items: dict[str, RowWriter] | None = None
@@ -270,9 +254,7 @@ def predict_file(
                             (
                                 size,
                                 [
-                                    lanes[k].submit(
-                                        _write, items[k], host, k, out_dir / names[k], more, writebacks[k]
-                                    )
+                                    lanes[k].submit(_write, items[k], host, k, out_dir / names[k], more)
                                     for k in items
                                 ],
                             )
