@@ -84,6 +84,7 @@ def test_paper_mode_cuda_deterministic_and_bf16(loss):
     c.backward()
 
 
+@pytest.mark.timeout(480)  # torch.compile of the loss: minutes on a GPU machine
 def test_compiled_loss_equals_eager_on_cuda_without_sync():
     """``compile=True`` on CUDA gives the eager values and gradients (confidence sampling draws nothing
     at random); after compiling, a call issues no synchronising operation."""
@@ -219,8 +220,9 @@ def test_cuda_graph_second_call_before_backward_keeps_both_gradients_right():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.timeout(480)  # compiling both parts took > 120 s on the H100 machine (2026-11-26)
 def test_compiled_cuda_graph_loss_equals_eager_without_sync():
-    """``compile`` and ``cuda_graph``: compiled parts recorded as graphs (≈ 1 min of compiling) give the
+    """``compile`` and ``cuda_graph``: compiled parts recorded as graphs (minutes of compiling) give the
     eager values and gradients (confidence sampling), and a replay issues no synchronising call."""
     kw = dict(loss="cl", sampling="confidence", clip=1.0, clip_mode="scale")
     eager = PatchContrastiveLoss(CHANNELS, 6, 6, **kw).cuda()
