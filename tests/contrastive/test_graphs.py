@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ctseg.contrastive import PatchContrastiveLoss
-from ctseg.contrastive.graphs import _GradCopy, signature, split_loss
+from ctseg.contrastive.graphs import _GradCopy, _Recording, _Replay, signature, split_loss
 from ctseg.errors import ConfigError
 from tests.contrastive.helpers import CHANNELS, RecordingStandIn, blocky_mask, stage_features
 
@@ -89,6 +89,71 @@ def test_grad_copy_hands_out_fresh_gradients():
     assert torch.equal(w.grad, 2 * torch.ones(3, 2))
     static_grad.fill_(5.0)  # a later replay
     assert torch.equal(w.grad, 2 * torch.ones(3, 2))
+
+
+class _ReplayedOnCPU:
+    """Stands in for a recorded ``torch.cuda.CUDAGraph`` on the CPU: ``replay()`` reruns the work that
+    the graph would have recorded, reading and writing the same static buffers."""
+
+    def __init__(self, work) -> None:
+        self.replay = work
+
+
+def _cpu_recording(fn, args) -> _Recording:
+    """What :func:`ctseg.contrastive.graphs.graphed` builds, with the graphs replaced by reruns."""
+    inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+    first = fn(*inputs)
+    outputs = tuple(o.detach().clone() for o in first)
+    grad_outputs = tuple(torch.empty_like(o) if o.requires_grad else None for o in first)
+    grad_inputs = tuple(torch.zeros_like(a) if a.requires_grad else None for a in inputs)
+
+    def forward() -> None:
+        with torch.no_grad():
+            for static, o in zip(outputs, fn(*inputs), strict=True):
+                static.copy_(o)
+
+    def backward() -> None:
+        with torch.enable_grad():
+            outs = fn(*inputs)
+            pairs = [(o, g) for o, g in zip(outs, grad_outputs, strict=True) if g is not None]
+            wanted = [a for a in inputs if a.requires_grad]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs]))
+        for static in grad_inputs:
+            if static is not None:
+                static.copy_(next(grads))
+
+    return _Recording(
+        _ReplayedOnCPU(forward), _ReplayedOnCPU(backward), inputs, outputs, grad_outputs, grad_inputs
+    )
+
+
+def test_replay_node_routes_values_and_gradients_through_the_static_buffers():
+    """``_Replay`` (the autograd node of a recorded function): copies new inputs into the static ones
+    (not when the caller passes those very tensors), returns the static outputs with the count output
+    non-differentiable, and hands the upstream gradients to the backward graph and its input gradients
+    back to autograd (None for inputs that need none)."""
+
+    def fn(x, w, idx):
+        y = (x @ w).sin().sum() * 2.0
+        return y, (x > 0).sum().to(torch.float32) + idx.sum()
+
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(5, 3, generator=g), torch.randn(3, 4, generator=g)
+    idx = torch.arange(3)
+    rec = _cpu_recording(fn, (x0.requires_grad_(), w0.requires_grad_(), idx))
+    for seed in (1, 2):
+        x = torch.randn(5, 3, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        w_static = rec.inputs[1]  # passed as the static buffer itself, as the tail gets the parameters
+        loss, count = _Replay.apply(rec, x, w_static, idx)
+        ref_loss, ref_count = fn(x.detach().requires_grad_(), w_static.detach().requires_grad_(), idx)
+        assert loss.item() == pytest.approx(ref_loss.item()) and count.item() == ref_count.item()
+        assert loss.requires_grad and not count.requires_grad
+        gx, gw = torch.autograd.grad(3.0 * loss, [x, w_static])
+        rx, rw = torch.autograd.grad(3.0 * fn(x, w_static, idx)[0], [x, w_static])
+        torch.testing.assert_close(gx, rx)
+        torch.testing.assert_close(gw, rw)
+        assert rec.grad_outputs[0].item() == 3.0  # the upstream gradient reached the backward graph
+        assert torch.equal(rec.inputs[0], x.detach())  # the new input was copied in
 
 
 def test_cuda_graph_on_cpu_runs_the_eager_loss():
