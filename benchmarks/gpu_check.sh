@@ -18,7 +18,7 @@
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
 # PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
 # the GPU tests' selection (default: `-m gpu tests`); CT_GRAPH_PARTS="snapshot workspaces" picks
-# diagnostics of part 3b; INFERENCE_ARGS adds options to part 5 (e.g. --repeat 5).
+# diagnostics of part 3b; INFERENCE_ARGS replaces the extra options of part 5 (default: --repeat 5, five warm runs).
 set -u
 OUT="${OUT:-gpu-check-out}"
 if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then PYTHON=python3; fi
@@ -69,7 +69,7 @@ part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json"
 part training-bf16 150 "$PY" benchmarks/training.py --device cuda --precision bf16 --size 512 --batch 16 \
   --steps 5 --warmup 2 --ct none cl infonce cl+graph infonce+graph  # its table is in the log (the device tool returns at most 8 files)
 # shellcheck disable=SC2086
-part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json" ${INFERENCE_ARGS:-}
+part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json" ${INFERENCE_ARGS:---repeat 5}
 
 {
   echo
