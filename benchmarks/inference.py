@@ -281,7 +281,9 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     ``tail_after_last_write_s``: from the start of the last block's write (its rows are on the host) to
     the return; ``close_s`` / ``fsync_s``: the longest closing of a file (last tiles, trailer, fsync) /
     the longest fsync in it, which run in parallel, one write lane per file;
-    ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
+    ``head_open_s`` / ``head_read_s``: from the call until the scene is open / until the last part
+    of the first strip is read (what remains of ``head_s`` after that is its upload, normalisation and
+    the batch copy); ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """
     main = threading.get_ident()
@@ -317,9 +319,19 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         finally:
             handed.append(time.perf_counter())
 
-    # The write lanes: each block's write, each file's closing (last tiles, trailer, fsync) and its fsync.
-    lane_spans: dict[str, list[tuple[float, float]]] = {"write": [], "close": [], "fsync": []}
+    import ctseg.inference.sliding as csliding
+
+    # The write lanes: each block's write, each file's closing (last tiles, trailer, fsync) and its fsync;
+    # for the head, the opening of the scene and the strip loads (reader threads).
+    lane_spans: dict[str, list[tuple[float, float]]] = {
+        "write": [],
+        "close": [],
+        "fsync": [],
+        "open": [],
+        "load": [],
+    }
     write_fn, close_fn, fsync_fn = cpredict._write, cpredict._close, os.fsync
+    open_fn, load_fn = cpredict.open_scene, csliding._load_strip
 
     def spanned(kind: str, fn: Any) -> Any:
         def timed(*a: Any, **k: Any) -> Any:
@@ -345,6 +357,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     cpredict._start_copy = timed_start_copy
     cpredict._write, cpredict._close = spanned("write", write_fn), spanned("close", close_fn)
     os.fsync = spanned("fsync", fsync_fn)
+    cpredict.open_scene, csliding._load_strip = spanned("open", open_fn), spanned("load", load_fn)
     try:
         t0 = time.perf_counter()
         run()
@@ -354,10 +367,16 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         del net.forward
         cpredict._start_copy = start_copy
         cpredict._write, cpredict._close, os.fsync = write_fn, close_fn, fsync_fn
+        cpredict.open_scene, csliding._load_strip = open_fn, load_fn
     f = spans["forward"]
+    # The first strip is loaded in two row halves, the first two loads; the read-ahead follows.
+    head_loads = [b for _, b in sorted(lane_spans["load"])[:2]]
     last_write = max(a for a, _ in lane_spans["write"])
     return {
         "head_s": round(f[0][0] - t0, 3),
+        # Within the head: until the scene is open, and until the first strip's last part is read.
+        "head_open_s": round(lane_spans["open"][0][1] - t0, 3),
+        "head_read_s": round(max(head_loads) - t0, 3),
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
@@ -539,14 +558,16 @@ def main() -> int:
         print(f"\nWhere the prediction thread waits instead of running the {what}, seconds:")
         print(
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
-            "| of which after the last block | after its write began | longest close | longest fsync |"
+            "| of which after the last block | after its write began | longest close | longest fsync "
+            "| head: scene open at | head: first strip read at |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
                 f"| {r['wait_write_s']} | {r['tail_s']} | {r['tail_after_last_block_s']} "
-                f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} |"
+                f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} "
+                f"| {r['head_open_s']} | {r['head_read_s']} |"
             )
     if args.json:
         from ctseg.utils.io import atomic_write_json
