@@ -14,14 +14,15 @@ gather, so that the graphs never hold a copy of the feature maps:
 With ``compile`` also set, both parts are ``torch.compile``'d before they are recorded (fewer, fused
 kernels in the graphs: less device time).
 
-Both graphs share one private memory pool. Memory: the graphs' own buffers are small (≈ 36 MB of
-static inputs and outputs and a 42 MiB pool at DCPoolFormer B = 8 on an H100, docs/benchmarks.md).
-What costs more is the stream a graph is recorded on: cuBLAS keeps a workspace per (thread handle,
-stream) for the life of the process, 32 MiB each on Hopper, and both the forward (this thread) and the
-backward (autograd's device thread) run GEMMs. ``torch.cuda.make_graphed_callables`` warms up (and,
-in torch 2.14, also records) on a fresh stream at every call, so each recording left 65 MiB of
-workspaces behind, twice per signature (H100, torch 2.11: memory snapshot). :func:`graphed` warms up and records on one side stream per
-device (:func:`capture_stream`), shared by every recording of the process: those workspaces exist once.
+Both graphs share one private memory pool. Memory (DCPoolFormer B = 8 on an H100,
+docs/benchmarks.md): the graphs' own buffers are small (≈ 28 MiB of static inputs, mostly the mask
+copy and the sampled rows, and 11 MiB live in the pool). What costs more is the stream a graph is
+recorded on: cuBLAS keeps a workspace per (thread handle, stream) for the life of the process, 32 MiB
+each on Hopper, and both the forward (this thread) and the backward (autograd's device thread) run
+GEMMs. ``torch.cuda.make_graphed_callables`` warms up (and, in torch 2.14, also records) on a fresh
+stream at every call, so every recording left another 65 MiB of workspaces behind. :func:`graphed`
+warms up and records on one side stream per device (:func:`capture_stream`), shared by every
+recording of the process, so those workspaces exist once.
 
 A graph is recorded per input signature (shapes, dtypes, ``requires_grad``); random draws come from
 the CUDA generator's graph-safe Philox state, so every replay draws afresh and a seeded run is
