@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (the parts' time boxes add up to 915 s, more than one 600 s device call: run subsets with PARTS). From the repository root:
+# One script for a lent GPU (the parts' time boxes add up to 965 s, more than one 600 s device call: run subsets with PARTS). From the repository root:
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh
 # On the workplace's device machine (python3 with torch, no jsonargparse/rasterio, no internet): carry the
 # wheels in .whl/ (jsonargparse, docstring-parser, typeshed-client, rasterio, affine, cligj, click-plugins;
@@ -62,7 +62,7 @@ part() {  # part NAME TIMEOUT_S CMD...
 part env 30 bash -c "nvidia-smi; $PY -c 'import torch, lightning, timm; print(torch.__version__, torch.version.cuda, lightning.__version__, timm.__version__, torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())'"
 # shellcheck disable=SC2086  # PYTEST_ARGS is a word list on purpose
 part pytest-gpu 240 "$PY" -m pytest -q -p no:cacheprovider --timeout=120 ${PYTEST_ARGS:--m gpu tests}
-part ct-loss 150 "$PY" benchmarks/ct_loss.py --device cuda --repeats 10 --warmup 3 --memory-steps 1 \
+part ct-loss 200 "$PY" benchmarks/ct_loss.py --device cuda --repeats 10 --warmup 3 --memory-steps 1 \
   --json "$OUT/ct-loss.json"
 # shellcheck disable=SC2086  # word lists on purpose
 part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json" ${CT_GRAPH_PARTS:+--parts $CT_GRAPH_PARTS}
