@@ -22,7 +22,7 @@ from ctseg.inference.sliding import (
     predict_large,
     reflect_index,
 )
-from tests.inference.conftest import conv_net, pointwise_net, whole_image_logits
+from tests.inference.conftest import conv_net, pointwise_net, whole_image_logits, write_geotiff
 
 
 @given(n=st.integers(1, 40), lo=st.integers(-150, 0), span=st.integers(1, 200))
@@ -199,25 +199,39 @@ def test_no_seam_at_window_borders_on_a_real_image(blend: str, window: int, over
     assert ratio(blend) <= 1.0
 
 
+@pytest.mark.parametrize("source", ["array", "geotiff"])
+@pytest.mark.parametrize("height", [23, 3, 1])
 @pytest.mark.parametrize("width", [1, 2, 7, 50, 131])
 @pytest.mark.parametrize(("window", "overlap"), [(32, 8), (16, 15), (8, 0)])
 def test_strips_are_reflect_padded_like_numpy(
-    rng: np.random.Generator, width: int, window: int, overlap: int
+    rng: np.random.Generator, tmp_path, source: str, height: int, width: int, window: int, overlap: int
 ) -> None:
-    # Strips are assembled in place (into pinned memory on CUDA) instead of by np.pad: same pixels.
-    from ctseg.inference.sliding import _load_strip
+    # Strips are assembled in place (into pinned memory on CUDA) instead of by np.pad: same pixels. A
+    # GeoTIFF's rows are decoded by GDAL straight into the strip's (strided) scene columns; scenes far
+    # shorter than the window (reflected several times) take the read-and-gather path.
+    from ctseg.inference.io import RasterioReader
 
-    image = rng.integers(0, 65535, (23, width, 3), dtype=np.uint16)
-    gy, gx = SlidingWindow(window=window, overlap=overlap).grids(23, width)
+    image = rng.integers(0, 65535, (height, width, 3), dtype=np.uint16)
+    gy, gx = SlidingWindow(window=window, overlap=overlap).grids(height, width)
     chw = image.transpose(2, 0, 1)
-    rows = np.pad(chw, ((0, 0), (gy.pad_before, gy.pad_after), (0, 0)), mode="reflect")
+    rows = np.pad(
+        chw, ((0, 0), (gy.pad_before, gy.pad_after), (0, 0)), mode="reflect" if height > 1 else "edge"
+    )
     mode = "reflect" if width > 1 else "edge"
     ref = np.pad(rows, ((0, 0), (0, 0), (gx.pad_before, gx.pad_after)), mode=mode)
-    reader = ArrayReader(image, input_max=65535.0)
-    for y in gy.starts:
-        strip = _load_strip(reader, gy, gx, y).numpy()
-        assert strip.dtype == np.uint16
-        np.testing.assert_array_equal(strip, ref[:, y : y + window])
+    if source == "geotiff":
+        reader = RasterioReader(write_geotiff(tmp_path / "s.tif", image), input_max=65535.0)
+    else:
+        reader = ArrayReader(image, input_max=65535.0)
+    with reader:
+        for y in gy.starts:
+            strip = _load_strip(reader, gy, gx, y).numpy()
+            assert strip.dtype == np.uint16
+            np.testing.assert_array_equal(strip, ref[:, y : y + window])
+            for a, b in [(0, 5), (5, window)]:  # row ranges, as the first strip is read
+                np.testing.assert_array_equal(
+                    _load_strip(reader, gy, gx, y, False, a, b).numpy(), ref[:, y + a : y + b]
+                )
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,12 @@ class SceneReader:
         """Raw pixels of rows ``[y0, y1)``, channels first: ``(3, y1 - y0, W)``."""
         raise NotImplementedError
 
+    def read_rows_into(self, y0: int, y1: int, out: np.ndarray) -> None:
+        """:meth:`read_rows` written into ``out``, a ``(3, y1 - y0, W)`` array of :attr:`dtype` that may
+        be a strided view (the scene columns of a padded strip buffer). This default copies what
+        :meth:`read_rows` returns; readers that can decode straight into place save that copy."""
+        out[...] = self.read_rows(y0, y1)
+
     def close(self) -> None:
         pass
 
@@ -247,6 +253,16 @@ class RasterioReader(SceneReader):
             raise DataError(self.path, f"cannot read rows {y0}-{y1} ({exc})") from exc
         _check_finite(self.path, data, y0)
         return data
+
+    def read_rows_into(self, y0: int, y1: int, out: np.ndarray) -> None:
+        from rasterio.windows import Window
+
+        # GDAL decodes straight into the (strided) destination: no intermediate array, no copy.
+        try:
+            self._ds.read(self._bands, window=Window(0, y0, self.width, y1 - y0), out=out)
+        except Exception as exc:
+            raise DataError(self.path, f"cannot read rows {y0}-{y1} ({exc})") from exc
+        _check_finite(self.path, out, y0)
 
     def close(self) -> None:
         self._ds.close()

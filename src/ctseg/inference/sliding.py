@@ -437,20 +437,28 @@ def _load_strip(
     r1 = gy.window if r1 is None else r1
     rows = reflect_index(np.arange(y + r0, y + r1) - gy.pad_before, gy.length)
     lo, hi = int(rows.min()), int(rows.max()) + 1
-    band = reader.read_rows(lo, hi)  # (3, hi - lo, W)
-    if hi - lo != len(rows) or rows[0] != lo or rows[-1] != hi - 1:  # reflected rows at the top / bottom
-        band = np.take(band, rows - lo, axis=1)
-    c, w, pb = band.shape[0], gx.length, gx.pad_before
-    dtype = torch.from_numpy(np.empty(0, dtype=band.dtype)).dtype  # the torch twin of the raw pixel type
-    out_t = torch.empty((c, len(rows), gx.padded), dtype=dtype, pin_memory=pin)
+    w, pb = gx.length, gx.pad_before
+    dtype = torch.from_numpy(np.empty(0, dtype=reader.dtype)).dtype  # the torch twin of the raw pixel type
+    out_t = torch.empty((3, len(rows), gx.padded), dtype=dtype, pin_memory=pin)
     out = out_t.numpy()  # (3, r1 - r0, Wp), sharing memory with out_t
-    # One pass over the pixels: the scene columns are copied in place, only the margins are gathered.
-    out[:, :, pb : pb + w] = band
+    centre = out[:, :, pb : pb + w]  # the scene columns
+    # Scene rows lo..hi-1 occur once, in order, somewhere in the strip (the rows reflected at the top
+    # or bottom of the scene are around them): they are read straight into place, and the reflected
+    # rows copied from them. Only a scene far shorter than the window breaks that run.
+    p0 = int(np.argmax(rows == lo))
+    if np.array_equal(rows[p0 : p0 + hi - lo], np.arange(lo, hi)):
+        reader.read_rows_into(lo, hi, centre[:, p0 : p0 + hi - lo])
+        others = np.r_[0:p0, p0 + hi - lo : len(rows)]
+        if others.size:
+            centre[:, others] = centre[:, p0 + rows[others] - lo]
+    else:
+        centre[...] = np.take(reader.read_rows(lo, hi), rows - lo, axis=1)
+    # The column margins are reflected scene columns, copied from the centre.
     cols = gx.source_index()
     if pb:
-        out[:, :, :pb] = band[:, :, cols[:pb]]
+        out[:, :, :pb] = out[:, :, pb + cols[:pb]]
     if gx.padded > pb + w:
-        out[:, :, pb + w :] = band[:, :, cols[pb + w :]]
+        out[:, :, pb + w :] = out[:, :, pb + cols[pb + w :]]
     return out_t
 
 
