@@ -18,7 +18,7 @@ import struct
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -649,19 +649,12 @@ class GeoTIFFWriter(RowWriter):
             self._ds.close()
 
 
-@contextlib.contextmanager
-def writers(*items: RowWriter) -> Iterator[tuple[RowWriter, ...]]:
-    """Close every writer on exit; after a failure close them quietly so the first error is the one raised."""
-    try:
-        yield items
-    except BaseException:
-        for w in items:
-            with contextlib.suppress(Exception):
-                w.close()
-        raise
-    with contextlib.ExitStack() as stack:
-        for w in items:
-            stack.callback(w.close)
+def close_quietly(items: Iterable[RowWriter]) -> None:
+    """Close every writer, ignoring their errors: after a failure, so that the first error is the one
+    raised (and the :class:`OutputSet` can delete the files)."""
+    for writer in items:
+        with contextlib.suppress(Exception):
+            writer.close()
 
 
 def colorize(labels: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:

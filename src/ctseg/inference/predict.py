@@ -17,7 +17,7 @@ import colorsys
 import contextlib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from ctseg.inference.io import (
     PNGStreamWriter,
     RowWriter,
     check_output_dir,
+    close_quietly,
     gdal_env,
     open_scene,
 )
@@ -315,15 +316,9 @@ class _WriterSpec:
                 elif "probs" in paths:
                     items["probs"] = NpyStreamWriter(paths["probs"], w, h, self.num_classes)
         except BaseException:
-            _close_quietly(items.values())
+            close_quietly(items.values())
             raise
         return items
-
-
-def _close_quietly(items: Iterable[RowWriter]) -> None:
-    for writer in items:
-        with contextlib.suppress(Exception):
-            writer.close()
 
 
 @contextlib.contextmanager
@@ -340,5 +335,5 @@ def _opened_in_background(spec: _WriterSpec) -> Iterator[Future[dict[str, RowWri
             yield opening
         except BaseException:
             with contextlib.suppress(BaseException):
-                _close_quietly(opening.result().values())
+                close_quietly(opening.result().values())
             raise
