@@ -44,7 +44,7 @@ from torch import nn
 
 from ctseg.contrastive.distributed import local_negative_budget
 from ctseg.contrastive.paper import PaperSamples, gather_sampled_rows, paper_results, sample_rows
-from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means
+from ctseg.contrastive.patches import StageGrid, patch_class_counts
 
 if TYPE_CHECKING:
     from ctseg.contrastive.loss import PatchContrastiveLoss
@@ -192,7 +192,7 @@ def _sample_fn(
     def sample(mask: torch.Tensor, *probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.autocast(device_type=mask.device.type, enabled=False):
             counts = patch_class_counts(mask, cfg.num_classes, grids)
-            conf = patch_class_means(probs[0].detach(), grids) if probs else None
+            conf = loss_fn._patch_confidence(probs[0] if probs else None, grids)
             return sample_rows(cfg, counts, grids, conf, loss_fn.group_size, loss_fn.process_group).tensors()
 
     return sample
@@ -208,9 +208,7 @@ def split_loss(loss_fn: PatchContrastiveLoss, grids: Sequence[StageGrid]) -> Spl
     params = [p for _, _, p in _head_parameters(loss_fn)]
     sample, tail = _sample_fn(loss_fn, grids), _tail_fn(loss_fn)
     if loss_fn.compile is not None:
-        mode = None if loss_fn.compile == "default" else loss_fn.compile
-        sample = torch.compile(sample, mode=mode, dynamic=False)
-        tail = torch.compile(tail, mode=mode, dynamic=False)
+        sample, tail = loss_fn._torch_compile(sample), loss_fn._torch_compile(tail)
     # Only confidence sampling reads the probabilities (the loss's input check makes them present then).
     with_probs = loss_fn.cfg.sampling == "confidence"
     return SplitPaperLoss(sample, tail, params, _negative_slots(loss_fn), with_probs)

@@ -369,10 +369,22 @@ class PatchContrastiveLoss(nn.Module):
             tuple(mask.shape[1:]), [tuple(f.shape[2:]) for f in used], self.cfg.stages, strides
         )
 
+    def _patch_confidence(
+        self, probs: torch.Tensor | None, grids: Sequence[StageGrid]
+    ) -> list[torch.Tensor] | None:
+        """Per stage the mean class probability of every patch, ``(B, K, h_s, w_s)``; None unless
+        confidence sampling has probabilities to read."""
+        if probs is None or self.cfg.sampling != "confidence":
+            return None
+        return patch_class_means(probs.detach(), grids)
+
+    def _torch_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` through ``torch.compile`` in this loss's compile mode (static shapes)."""
+        return torch.compile(fn, mode=None if self.compile == "default" else self.compile, dynamic=False)
+
     def _compiled(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         if self._compiled_compute is None:
-            mode = None if self.compile == "default" else self.compile
-            self._compiled_compute = torch.compile(self._compute, mode=mode, dynamic=False)
+            self._compiled_compute = self._torch_compile(self._compute)
         return self._compiled_compute
 
     def _compute(
@@ -395,11 +407,7 @@ class PatchContrastiveLoss(nn.Module):
             if flags is not None and self.cfg.mode == "reference":  # it syncs anyway: fail before any work
                 self._raise_on_flags(flags.tolist(), features, mask)
                 flags = None
-            conf = (
-                patch_class_means(probs.detach(), grids)
-                if probs is not None and self.cfg.sampling == "confidence"
-                else None
-            )
+            conf = self._patch_confidence(probs, grids)
             results = MODES[self.cfg.mode](self, used, counts, grids, conf)
             loss, packed = self._finish(results)
         return loss, packed, flags
