@@ -32,7 +32,15 @@ from pathlib import Path
 
 import torch
 
-from ct_loss import CHANNELS, IGNORE, NUM_CLASSES, loss_inputs, step_setup, timed  # the script's folder
+from ct_loss import (  # the script's folder
+    CHANNELS,
+    IGNORE,
+    NUM_CLASSES,
+    loss_inputs,
+    measure_step_memory,
+    step_setup,
+    timed,
+)
 from ctseg.contrastive import PatchContrastiveLoss
 
 MiB = 2**20
@@ -181,27 +189,12 @@ WORKSPACE_ENVS = {
 def workspaces(device: torch.device, batch: int = 8) -> dict:
     """Step peak memory (fresh process each) with the cuBLAS workspace settings of :data:`WORKSPACE_ENVS`:
     how much of the recorded loss's extra memory is the recording stream's workspaces."""
-    import subprocess
-    import sys
-
     out: dict[str, dict] = {}
-    here = Path(__file__).resolve().parent
     for name, env in WORKSPACE_ENVS.items():
-        for config in ("baseline", "paper-cl", "paper-cl+graph"):
-            cmd = [
-                sys.executable,
-                str(here / "ct_loss.py"),
-                "--memory-child",
-                config,
-                "--device",
-                str(device),
-            ]
-            cmd += ["--batch", str(batch), "--warmup", "2", "--memory-steps", "1"]
-            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=False)
-            lines = res.stdout.strip().splitlines()
-            out[f"{name}/{config}"] = (
-                json.loads(lines[-1]) if res.returncode == 0 and lines else {"error": res.stderr[-500:]}
-            )
+        configs = ("baseline", "paper-cl", "paper-cl+graph")
+        results = measure_step_memory(configs, device, batch, warmup=2, steps=1, env={**os.environ, **env})
+        for config, res in results.items():
+            out[f"{name}/{config}"] = {"error": str(res)[-500:]} if isinstance(res, Exception) else res
     return out
 
 

@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -331,7 +331,7 @@ def bench_step(
         del steps, cts, opts, model
         gc.collect()
         torch.cuda.empty_cache()
-    for c, res in _step_memory(configs, device, batch, warmup, memory_steps).items():
+    for c, res in measure_step_memory(configs, device, batch, warmup, memory_steps).items():
         if isinstance(res, Exception):
             if c not in extra:
                 raise res
@@ -349,11 +349,16 @@ def bench_step(
     return out
 
 
-def _step_memory(
-    configs: Sequence[str], device: torch.device, batch: int, warmup: int, steps: int
+def measure_step_memory(
+    configs: Sequence[str],
+    device: torch.device,
+    batch: int,
+    warmup: int,
+    steps: int,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, float] | Exception]:
     """Step memory of each configuration, each in a fresh process (its allocator, and on CUDA its graph
-    pools and cuBLAS workspaces, are then its own).
+    pools and cuBLAS workspaces, are then its own), with ``env`` as its environment (default: ours).
 
     On CUDA the processes run side by side, as many as the free device memory holds: the figures are
     per-process allocator statistics (and cuDNN picks its algorithms by heuristics here, not by
@@ -373,7 +378,9 @@ def _step_memory(
         return json.loads(stdout.strip().splitlines()[-1])
 
     def start(config: str) -> subprocess.Popen:
-        return subprocess.Popen(command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
 
     jobs = 1
     if device.type == "cuda":  # as many as fit: a child of the B = 8, 512² step holds < 6 GiB
