@@ -6,7 +6,7 @@ medians per combination. Interleaving makes drift of the machine and the process
 every row alike, so the ratios "with CT / without CT" (to the no-CT row of the same model) compare like
 with like. A step is what ``ctseg fit`` does per batch: forward (with features when CT is on),
 SoftCE+Dice, CT loss, backward, global grad-norm clip 1.0, AdamW step. Peak memory (``--memory``, on by
-default) comes after the timing, one combination at a time on a fresh build: CUDA
+default) comes after the timing, one combination at a time, each in a fresh process: CUDA
 ``max_memory_allocated``, CPU the peak of live tensor bytes from the CPU allocator (``cpu_memory.py``).
 
     .venv/bin/python benchmarks/training.py                              # CPU, 512², B = 8 (docs/benchmarks.md)
@@ -27,6 +27,7 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -171,8 +172,8 @@ def time_round_robin(
 def peak_memory(name: tuple[str, str], size: int, batch: int, device: str, precision: str) -> float:
     """Peak memory (GiB) of one training step of a fresh build of ``name``, after one warm-up step.
 
-    Measured for one combination at a time, with nothing else of this benchmark alive, so the figure
-    is that combination's own: CUDA ``max_memory_allocated`` (reset after the warm-up), CPU the peak of
+    Run in a fresh process per combination (:func:`memory_in_child`), so the figure is that
+    combination's own: CUDA ``max_memory_allocated`` (reset after the warm-up), CPU the peak of
     live tensor bytes from the CPU allocator's events (``cpu_memory.py``; build included in the profile
     so every block is accounted for). The warm-up step creates AdamW's state, which a training step
     holds at its peak.
@@ -200,6 +201,19 @@ def peak_memory(name: tuple[str, str], size: int, batch: int, device: str, preci
     return live.peak_bytes / 2**30
 
 
+def memory_in_child(model: str, ct: str, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`peak_memory` of one combination in a fresh process of this script: a recorded CT loss
+    leaves process-wide state behind (the capture stream's cuBLAS workspaces, 65 MiB on an H100), which
+    in one process would count in every later combination's figure, the no-CT rows included."""
+    cmd = [sys.executable, __file__, "--memory-child", model, ct, "--size", str(args.size)]
+    cmd += ["--batch", str(args.batch), "--device", args.device, "--precision", args.precision]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        return {"peak_mem_error": f"memory child exited with {res.returncode}: {res.stderr[-300:]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -215,15 +229,27 @@ def main(argv: list[str] | None = None) -> int:
         "--memory",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="peak memory per combination (a fresh build + 2 steps each, after the timing)",
+        help="peak memory per combination (a fresh process, build + 2 steps each, after the timing)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "CT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:  # one combination's peak memory, in this fresh process (see memory_in_child)
+        try:
+            res = {
+                "peak_mem_gib": peak_memory(
+                    tuple(args.memory_child), args.size, args.batch, args.device, args.precision
+                )
+            }
+        except torch.OutOfMemoryError:
+            res = {"peak_mem_error": "out of memory"}
+        print(json.dumps(res))
+        return 0
 
     import lightning.pytorch as pl  # noqa: F401  (imported before timing)
 
@@ -231,18 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = time_round_robin(
         names, args.size, args.batch, args.steps, args.warmup, args.device, args.precision
     )
-    gc.collect()  # the timed combinations are gone: each memory figure below is one combination's own
+    gc.collect()  # the timed combinations are gone: their device memory is free for the children
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     for r in rows:
         if "error" not in r and args.memory:
-            try:
-                r["peak_mem_gib"] = peak_memory(
-                    (r["model"], r["ct"]), args.size, args.batch, args.device, args.precision
-                )
-            except torch.OutOfMemoryError:
-                r["peak_mem_error"] = "out of memory"
-                torch.cuda.empty_cache()
+            r.update(memory_in_child(r["model"], r["ct"], args))
         print(json.dumps(r), file=sys.stderr, flush=True)
     base = {r["model"]: r for r in rows if r.get("ct") == "none" and "error" not in r}
     for r in rows:
