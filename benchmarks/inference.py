@@ -48,6 +48,7 @@ CPU the normalisation, blending and argmax still run on the CPU (on a GPU they a
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -287,7 +288,9 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """
     main = threading.get_ident()
-    spans: dict[str, list[tuple[float, float]]] = {"forward": [], "read": [], "write": []}
+    # (start, end) of every call, by kind; "read" / "write": the prediction thread waiting for the
+    # reader thread / for the write lanes.
+    spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     original_result = Future.result
 
     def result(self: Future, timeout: float | None = None) -> Any:
@@ -309,53 +312,31 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         return fut
 
     import ctseg.inference.predict as cpredict
-
-    handed: list[float] = []  # when each finished block was handed to the writers
-    start_copy = cpredict._start_copy
-
-    def timed_start_copy(*a: Any, **k: Any) -> Any:
-        try:
-            return start_copy(*a, **k)
-        finally:
-            handed.append(time.perf_counter())
-
     import ctseg.inference.sliding as csliding
 
-    # The write lanes: each block's write, each file's closing (last tiles, trailer, fsync) and its fsync;
-    # for the head, the opening of the scene and the strip loads (reader threads).
-    lane_spans: dict[str, list[tuple[float, float]]] = {
-        "write": [],
-        "close": [],
-        "fsync": [],
-        "open": [],
-        "load": [],
-    }
+    start_copy, forward = cpredict._start_copy, net.forward
     write_fn, close_fn, fsync_fn = cpredict._write, cpredict._close, os.fsync
     open_fn, load_fn = cpredict.open_scene, csliding._load_strip
 
     def spanned(kind: str, fn: Any) -> Any:
+        """``fn``, recording the span of every call under ``spans[kind]``."""
+
         def timed(*a: Any, **k: Any) -> Any:
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                lane_spans[kind].append((t0, time.perf_counter()))
+                spans[kind].append((t0, time.perf_counter()))
 
         return timed
 
-    forward = net.forward
-
-    def timed_forward(*a: Any, **k: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return forward(*a, **k)
-        finally:
-            spans["forward"].append((t0, time.perf_counter()))
-
     Future.result, ThreadPoolExecutor.submit = result, submit  # type: ignore[method-assign]
-    net.forward = timed_forward  # type: ignore[method-assign]
-    cpredict._start_copy = timed_start_copy
-    cpredict._write, cpredict._close = spanned("write", write_fn), spanned("close", close_fn)
+    net.forward = spanned("forward", forward)  # type: ignore[method-assign]
+    # Block handed to the writers (its copy queued); in the write lanes: each block's write, each
+    # file's closing (last tiles, trailer, fsync) and its fsync; for the head, the opening of the scene
+    # and the strip loads (reader threads).
+    cpredict._start_copy = spanned("handed", start_copy)
+    cpredict._write, cpredict._close = spanned("lane_write", write_fn), spanned("close", close_fn)
     os.fsync = spanned("fsync", fsync_fn)
     cpredict.open_scene, csliding._load_strip = spanned("open", open_fn), spanned("load", load_fn)
     try:
@@ -370,22 +351,22 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         cpredict.open_scene, csliding._load_strip = open_fn, load_fn
     f = spans["forward"]
     # The first strip is loaded in two row halves, the first two loads; the read-ahead follows.
-    head_loads = [b for _, b in sorted(lane_spans["load"])[:2]]
-    last_write = max(a for a, _ in lane_spans["write"])
+    head_loads = [b for _, b in sorted(spans["load"])[:2]]
+    last_write = max(a for a, _ in spans["lane_write"])
     return {
         "head_s": round(f[0][0] - t0, 3),
         # Within the head: until the scene is open, and until the first strip's last part is read.
-        "head_open_s": round(lane_spans["open"][0][1] - t0, 3),
+        "head_open_s": round(spans["open"][0][1] - t0, 3),
         "head_read_s": round(max(head_loads) - t0, 3),
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
-        "tail_after_last_block_s": round(t1 - handed[-1], 3),
+        "tail_after_last_block_s": round(t1 - spans["handed"][-1][1], 3),
         # From the start of the last block's write (its rows are on the host) to the return: the
         # host's own tail (with the write of that block, the closing and the fsync of every file).
         "tail_after_last_write_s": round(t1 - last_write, 3),
-        "close_s": round(max(b - a for a, b in lane_spans["close"]), 3),
-        "fsync_s": round(max(b - a for a, b in lane_spans["fsync"]), 3),
+        "close_s": round(max(b - a for a, b in spans["close"]), 3),
+        "fsync_s": round(max(b - a for a, b in spans["fsync"]), 3),
         "forward_s": round(sum(b - a for a, b in f), 3),
         "timeline_full_s": round(t1 - t0, 3),
     }
