@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctseg.contrastive import PatchContrastiveLoss
+from ctseg.contrastive import PatchContrastiveLoss, paper
+from ctseg.contrastive.heads import project_stages
 from ctseg.contrastive.patches import patch_class_counts, stage_grids
 from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.errors import ConfigError
@@ -72,13 +73,18 @@ def test_budgets_and_pair_counts():
     assert st["stage0/class3/pairs"] == 0 and st["skipped_fraction"] == 0.0
 
 
-def test_only_sampled_rows_are_projected():
+def test_only_sampled_rows_are_projected(monkeypatch):
     fn = make("cl", num_positives=16, num_negatives=16)
     seen = []
-    for h in fn.heads:
-        h.register_forward_hook(lambda m, i, o: seen.append(i[0].numel() // i[0].shape[-1]))
+
+    def recording(heads, rows, params=None):
+        seen.extend(r.numel() // r.shape[-1] for r in rows)
+        return project_stages(heads, rows, params)
+
+    monkeypatch.setattr(paper, "project_stages", recording)
     mask = blocky_mask(2, 128, 128, 6, 6, block=16, seed=0)
     fn(stage_features(2, 128, 128, 0), mask)
+    assert len(seen) == 4
     assert seen[0] == 6 * (16 + 16) < 2 * 32 * 32  # stage 0: K·(P+M) rows, not the 2048-row map
 
 

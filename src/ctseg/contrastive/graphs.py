@@ -106,17 +106,6 @@ class _ReplayGuard(torch.autograd.Function):
         return grad, None
 
 
-class _StageHeads:
-    """``heads[s](rows)`` with the parameters given as tensors (``torch.func.functional_call``), so
-    that the recorded graph differentiates with respect to those tensors."""
-
-    def __init__(self, heads: nn.ModuleList, params: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.heads, self.params = heads, params
-
-    def __getitem__(self, s: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda rows: torch.func.functional_call(self.heads[s], self.params[s], (rows,))
-
-
 def _head_parameters(loss_fn: PatchContrastiveLoss) -> list[tuple[int, str, nn.Parameter]]:
     return [(s, name, p) for s in loss_fn.cfg.stages for name, p in loss_fn.heads[s].named_parameters()]
 
@@ -138,8 +127,8 @@ def _tail_fn(loss_fn: PatchContrastiveLoss) -> Callable[..., tuple[torch.Tensor,
         for (s, name), p in zip(names, params, strict=True):
             by_stage[s][name] = p
         samples = PaperSamples.from_tensors(rest, rows[0].shape[-2] - negative_slots)
-        heads = _StageHeads(loss_fn.heads, by_stage)
-        results = paper_results(loss_fn.cfg, heads, rows, samples, loss_fn.process_group)  # type: ignore[arg-type]
+        head_params = [by_stage[s] for s in loss_fn.cfg.stages]
+        results = paper_results(loss_fn.cfg, loss_fn.heads, rows, samples, loss_fn.process_group, head_params)
         loss, packed = loss_fn._finish(results)
         return (loss,) if packed is None else (loss, packed)
 

@@ -15,7 +15,7 @@ Combination as in the authors' code: ``Σ_s Σ_c L_sc / S / (classes present)`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from ctseg.contrastive.config import CTConfig, GroupResult
 from ctseg.contrastive.distributed import gather_negatives, local_negative_budget
-from ctseg.contrastive.heads import split_rows, take_rows
+from ctseg.contrastive.heads import project_stages, split_rows, take_rows
 from ctseg.contrastive.patches import StageGrid
 from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.contrastive.terms import PAPER_TERMS
@@ -134,18 +134,21 @@ def paper_results(
     rows: Sequence[torch.Tensor],
     samples: PaperSamples,
     process_group: object | None = None,
+    head_params: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> GroupResult:
     """Projection, hard mining and loss terms of every (group, stage, class) in one batch.
 
     Args:
         rows: per used stage ``(G, K, P + M, C_s)`` feature rows (:func:`gather_sampled_rows`).
+        head_params: per used stage the head's parameters by name, used instead of the modules' own
+            (:func:`~ctseg.contrastive.heads.project_stages`); None: the modules' parameters.
 
     Returns:
         a :class:`GroupResult` with a leading group dimension G on every field.
     """
     kind = PAPER_TERMS[cfg.loss]
     S, K, P = len(cfg.stages), cfg.num_classes, samples.num_positive_slots
-    z = torch.stack([heads[s](r) for s, r in zip(cfg.stages, rows, strict=True)], dim=1)  # (G, S, K, P+M, d)
+    z = project_stages([heads[s] for s in cfg.stages], rows, head_params).transpose(0, 1)  # (G, S, K, P+M, d)
     G = z.shape[0]
     # Every (group, stage, class) shares the sample widths: the terms run as one batch of G·S·K rows.
     zp = z[:, :, :, :P].reshape(G * S * K, P, -1)
