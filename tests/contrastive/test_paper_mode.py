@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ctseg.contrastive import PatchContrastiveLoss, paper
 from ctseg.contrastive.heads import project_stages
 from ctseg.contrastive.patches import patch_class_counts, stage_grids
-from ctseg.contrastive.sampling import SAMPLERS
+from ctseg.contrastive.sampling import SAMPLERS, spread_rows, stage_candidates
 from ctseg.errors import ConfigError
 from tests.contrastive.helpers import CHANNELS, STRIDES, blocky_mask, stage_features
 
@@ -100,7 +100,7 @@ def test_hard_negatives_are_the_most_similar_pairs():
     torch.manual_seed(1)
     grids = stage_grids((64, 64), [tuple(feats[0].shape[2:])], [0])
     counts = patch_class_counts(mask, 6, grids)
-    smp = SAMPLERS["random"](counts[0], grids[0].patch_pixels, 32, 32)
+    smp = SAMPLERS["random"](stage_candidates(counts, grids, [(0, 2)]), 32, 32)
     head = fn.heads[0]
     rows = feats[0].permute(0, 2, 3, 1).reshape(-1, 64)
     for c in range(2):
@@ -164,7 +164,8 @@ def test_confidence_sampling():
     grids = stage_grids((64, 64), [(16, 16)], [0])
     counts = patch_class_counts(mask, 3, grids)[0]
     conf = torch.rand(2, 3, 16, 16)
-    smp = SAMPLERS["confidence"](counts, 16, 20, 10, confidence=conf)
+    cand = stage_candidates([counts], grids, [(0, 2)])
+    smp = SAMPLERS["confidence"](cand, 20, 10, confidence=spread_rows([conf], grids, [(0, 2)], 0.0))
     flat_conf = conf.transpose(0, 1).reshape(3, -1)
     for c in range(3):
         pos_c = torch.nonzero(counts[:, c].reshape(-1) == 16).flatten()

@@ -25,7 +25,7 @@ from ctseg.contrastive.config import CTConfig, GroupResult
 from ctseg.contrastive.distributed import gather_negatives, local_negative_budget
 from ctseg.contrastive.heads import project_stages, split_rows, take_rows
 from ctseg.contrastive.patches import StageGrid
-from ctseg.contrastive.sampling import SAMPLERS
+from ctseg.contrastive.sampling import SAMPLERS, Sample, spread_rows, stage_candidates
 from ctseg.contrastive.terms import PAPER_TERMS
 
 
@@ -71,9 +71,57 @@ def group_bounds(batch_size: int, group_size: int | None) -> list[tuple[int, int
     return [(b0, min(b0 + g, batch_size)) for b0 in range(0, batch_size, g)]
 
 
-def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
-    # One group (the default) needs no copy: a view with the group dimension.
-    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+# Stages sampled together are padded to the widest one's patches (sampling.Candidates); a stage joins
+# the previous ones while that padding at most doubles their size. For a pyramid of strides 4, 8, 16, 32
+# that gives two batches, {4, 8} and {16, 32}: half the launches of one batch per stage, and about half
+# the memory and host work of padding every stage to stride 4's map.
+MAX_PADDING = 2.0
+
+
+def stage_batches(grids: Sequence[StageGrid]) -> list[list[int]]:
+    """Consecutive stages sampled together (indices into ``grids``)."""
+    batches: list[list[int]] = []
+    for s in range(len(grids)):
+        if batches:
+            members = [*batches[-1], s]
+            sizes = [grids[i].h * grids[i].w for i in members]
+            if len(members) * max(sizes) <= MAX_PADDING * sum(sizes):
+                batches[-1].append(s)
+                continue
+        batches.append([s])
+    return batches
+
+
+def _sample_batch(
+    cfg: CTConfig,
+    counts: Sequence[torch.Tensor],
+    grids: Sequence[StageGrid],
+    confidence: Sequence[torch.Tensor] | None,
+    bounds: Sequence[tuple[int, int]],
+    num_negatives: int,
+) -> tuple[torch.Tensor, torch.Tensor, Sample, torch.Tensor]:
+    """One draw for the given stages: image and patch indices ``(G, S_b, K, P + M)``, the sample
+    (rows in (group, stage, class) order) and the fractions ``(G, S_b, K, g·n)``."""
+    B, K = counts[0].shape[:2]
+    G, S = len(bounds), len(grids)
+    cand = stage_candidates(counts, grids, bounds)
+    conf = None if confidence is None else spread_rows(confidence, grids, bounds, 0.0)
+    smp = SAMPLERS[cfg.sampling](cand, cfg.num_positives, num_negatives, confidence=conf)
+    columns = torch.cat([smp.pos_rows, smp.neg_rows], dim=1)  # (G·S·K, P + M): b·n + p
+    image, patch = split_rows(columns, cand.columns_per_image)
+    image, patch = image.reshape(G, S, K, -1), patch.reshape(G, S, K, -1)
+    if G > 1:  # image within the group → image within the batch
+        image = image + bounds[1][0] * torch.arange(G, device=image.device).reshape(G, 1, 1, 1)
+    # Where a (group, stage) has fewer patches than a budget, slots beyond the valid count hold
+    # padding columns; point them at a real row (they are never read as valid).
+    smallest = min(b1 - b0 for b0, b1 in bounds)
+    budget = max(smp.pos_rows.shape[1], num_negatives)
+    short = [s for s, gr in enumerate(grids) if smallest * gr.h * gr.w < budget]
+    if short:
+        image = image.clamp(max=B - 1)
+        for s in short:
+            patch[:, s].clamp_(max=grids[s].h * grids[s].w - 1)
+    return image, patch, smp, cand.fraction.reshape(G, S, K, -1)
 
 
 def sample_rows(
@@ -84,7 +132,8 @@ def sample_rows(
     group_size: int | None,
     process_group: object | None = None,
 ) -> PaperSamples:
-    """Sample the rows of every group and stage.
+    """Sample the rows of every group and stage: one draw and one selection per batch of stages
+    (:func:`stage_batches`) for all groups and classes.
 
     Args:
         counts: per used stage ``(B, K, h_s, w_s)`` class pixel counts (``patches.py``).
@@ -92,30 +141,34 @@ def sample_rows(
         confidence: per used stage ``(B, K, h_s, w_s)`` mean class probability, or None.
         group_size: images per group (None: one group).
     """
-    sampler = SAMPLERS[cfg.sampling]
     n_neg = local_negative_budget(cfg.num_negatives, cfg.gather_negatives, process_group)
-    bounds = group_bounds(counts[0].shape[0], group_size)
-    batch_index, patch_index, pos_count, neg_count = [], [], [], []
-    P = 0
-    for i, (cnt, grid) in enumerate(zip(counts, grids, strict=True)):
-        b_rows, p_rows, p_count, n_count = [], [], [], []
-        for b0, b1 in bounds:
-            conf = None if confidence is None else confidence[i][b0:b1]
-            smp = sampler(cnt[b0:b1], grid.patch_pixels, cfg.num_positives, n_neg, confidence=conf)
-            P = smp.pos_rows.shape[1]
-            rows = torch.cat([smp.pos_rows, smp.neg_rows], dim=1)  # (K, P + M), flat within the group
-            image, patch = split_rows(rows, grid.h * grid.w)
-            b_rows.append(image + b0 if b0 else image)
-            p_rows.append(patch)
-            p_count.append(smp.pos_count)
-            n_count.append(smp.neg_count)
-        batch_index.append(_stack(b_rows))
-        patch_index.append(_stack(p_rows))
-        pos_count.append(_stack(p_count))
-        neg_count.append(_stack(n_count))
-    present = _stack([counts[0][b0:b1].sum(dim=(0, 2, 3)) > 0 for b0, b1 in bounds])
+    B, K = counts[0].shape[:2]
+    bounds = group_bounds(B, group_size)
+    G = len(bounds)
+    images, patches, pos_count, neg_count = [], [], [], []
+    present = None
+    for batch in stage_batches(grids):
+        image, patch, smp, fraction = _sample_batch(
+            cfg,
+            [counts[s] for s in batch],
+            [grids[s] for s in batch],
+            None if confidence is None else [confidence[s] for s in batch],
+            bounds,
+            n_neg,
+        )
+        images += [image[:, i] for i in range(len(batch))]
+        patches += [patch[:, i] for i in range(len(batch))]
+        pos_count.append(smp.pos_count.reshape(G, len(batch), K))
+        neg_count.append(smp.neg_count.reshape(G, len(batch), K))
+        if present is None:  # a class is present in a group when some patch has a share of it
+            present = (fraction[:, 0] > 0).any(-1)
     return PaperSamples(
-        batch_index, patch_index, torch.stack(pos_count, 1), torch.stack(neg_count, 1), present, P
+        images,
+        patches,
+        pos_count[0] if len(pos_count) == 1 else torch.cat(pos_count, 1),
+        neg_count[0] if len(neg_count) == 1 else torch.cat(neg_count, 1),
+        present,
+        smp.pos_rows.shape[1],
     )
 
 

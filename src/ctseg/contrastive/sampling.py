@@ -1,8 +1,11 @@
-"""Paper-mode sampling: a fixed budget of positive and negative patch rows per (stage, class).
+"""Paper-mode sampling: a fixed budget of positive and negative patch rows per (group, stage, class).
 
-Samplers are batched over all classes of a stage and return fixed-shape index tensors plus per-class
-counts of valid entries (valid entries first), so nothing depends on data-dependent shapes and no
-host synchronisation is needed. Registry: :data:`SAMPLERS` (``"random"``, ``"confidence"``).
+The patches of every group, stage and class are laid out as the rows of one tensor
+(:class:`Candidates`), so that one draw and one selection serve all of them: on a GPU the loss is
+bound by kernel launches, and a sampler per stage cost four times the launches. Samplers return
+fixed-shape index tensors plus per-row counts of valid entries (valid entries first), so nothing
+depends on data-dependent shapes and no host synchronisation is needed. Registry: :data:`SAMPLERS`
+(``"random"``, ``"confidence"``).
 
 Pairing convention used by the paper-mode loss (see ``paper.py``):
 
@@ -13,26 +16,94 @@ Pairing convention used by the paper-mode loss (see ``paper.py``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ctseg.contrastive.patches import StageGrid
 from ctseg.utils.registry import Registry
+
+# Value of the padding columns of Candidates.fraction (a real patch has a class fraction in [0, 1]).
+PADDING = -1.0
 
 
 @dataclass
-class StageSample:
-    """Sampled rows of one stage (flat patch indices ``b·h·w + i·w + j`` within the group).
+class Candidates:
+    """Patches of G groups × S stages × K classes as R = G·S·K rows of N = g·n columns.
 
-    Widths depend on the budgets only (not on the map size), so stages can be concatenated.
+    Row ``(group, stage, class)``; column ``b·n + p`` is patch ``p`` (``i·w_s + j``) of image ``b`` of
+    the group, with g the size of the largest group and n the largest ``h_s·w_s``. Columns beyond a
+    stage's patches or a group's images are padding: never a candidate, and ranked below every real
+    patch by the samplers, so that they are only drawn when a row has fewer patches than a budget
+    (those slots lie beyond the valid count).
 
     Attributes:
-        pos_rows: ``(K, P)`` long; the first ``pos_count[c]`` entries of row c are valid.
-        pos_count: ``(K,)`` long.
-        neg_rows: ``(K, M)`` long; the first ``neg_count[c]`` entries of row c are valid.
-        neg_count: ``(K,)`` long.
-        pos_available, neg_available: ``(K,)`` long, how many positives / negatives the stage had.
+        fraction: ``(R, N)`` float32, the share of the patch's pixels that are of the class (exact:
+            ``count / p_s²``), :data:`PADDING` in padding columns.
+        positive: ``(R, N)`` bool, every pixel of the patch is the class.
+        negative: ``(R, N)`` bool, no pixel is.
+        columns_per_image: n.
+    """
+
+    fraction: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    columns_per_image: int
+
+    @classmethod
+    def from_fractions(cls, fraction: torch.Tensor, columns_per_image: int) -> Candidates:
+        return cls(fraction, fraction == 1.0, fraction == 0.0, columns_per_image)
+
+
+def candidate_layout(grids: Sequence[StageGrid], bounds: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(g, n)`` of :class:`Candidates`: images of the largest group, patches of the largest stage."""
+    return max(b1 - b0 for b0, b1 in bounds), max(gr.h * gr.w for gr in grids)
+
+
+def spread_rows(
+    maps: Sequence[torch.Tensor],
+    grids: Sequence[StageGrid],
+    bounds: Sequence[tuple[int, int]],
+    fill: float,
+    scale: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Per-stage ``(B, K, h_s, w_s)`` maps → the ``(G·S·K, g·n)`` row layout of :class:`Candidates`,
+    float32, ``fill`` in the padding columns; the values of stage s are divided by ``scale[s]``."""
+    g, n = candidate_layout(grids, bounds)
+    K = maps[0].shape[1]
+    out = torch.full((len(bounds), len(maps), K, g, n), fill, dtype=torch.float32, device=maps[0].device)
+    for s, (m, gr) in enumerate(zip(maps, grids, strict=True)):
+        hw = gr.h * gr.w
+        for j, (b0, b1) in enumerate(bounds):
+            src = m[b0:b1].transpose(0, 1).reshape(K, b1 - b0, hw)
+            dst = out[j, s, :, : b1 - b0, :hw]
+            if scale is None:
+                dst.copy_(src)
+            else:  # one kernel: the division writes into the layout
+                torch.div(src, scale[s], out=dst)
+    return out.reshape(-1, g * n)
+
+
+def stage_candidates(
+    counts: Sequence[torch.Tensor], grids: Sequence[StageGrid], bounds: Sequence[tuple[int, int]]
+) -> Candidates:
+    """The :class:`Candidates` of every group and stage from the per-stage ``(B, K, h_s, w_s)``
+    class pixel counts (``patches.py``)."""
+    fraction = spread_rows(counts, grids, bounds, PADDING, [gr.patch_pixels for gr in grids])
+    return Candidates.from_fractions(fraction, candidate_layout(grids, bounds)[1])
+
+
+@dataclass
+class Sample:
+    """Sampled columns of every row of :class:`Candidates` (widths depend on the budgets only).
+
+    Attributes:
+        pos_rows: ``(R, P)`` long; the first ``pos_count[r]`` entries of row r are valid.
+        pos_count: ``(R,)`` long.
+        neg_rows: ``(R, M)`` long; the first ``neg_count[r]`` entries of row r are valid.
+        neg_count: ``(R,)`` long.
+        pos_available, neg_available: ``(R,)`` long, how many positives / negatives the row had.
     """
 
     pos_rows: torch.Tensor
@@ -43,7 +114,7 @@ class StageSample:
     neg_available: torch.Tensor
 
 
-Sampler = Callable[..., StageSample]
+Sampler = Callable[..., Sample]
 SAMPLERS: Registry[Sampler] = Registry("CT sampling")
 
 
@@ -51,27 +122,22 @@ def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
     return SAMPLERS.register(name)
 
 
-def candidate_masks(counts: torch.Tensor, patch_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G, K, h, w)`` class counts → positive and negative masks ``(K, N)`` with N = G·h·w rows in
-    (b, i, j) row-major order. Positive: every pixel is the class; negative: no pixel is."""
-    K = counts.shape[1]
-    flat = counts.transpose(0, 1).reshape(K, -1)
-    return flat == patch_pixels, flat == 0
-
-
 def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad ``(K, k)`` row indices to ``(K, width)`` with row 0 (beyond the valid count, never read as
-    valid), so that every stage has the same sample width and stages can be batched."""
+    """Pad ``(R, k)`` column indices to ``(R, width)`` with column 0 (beyond the valid count, never
+    read as valid) when a budget exceeds the columns."""
     return rows if rows.shape[1] == width else torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
 
 
 def _top_rows(
-    keys: torch.Tensor, eligible: torch.Tensor, budget: int
+    keys: torch.Tensor, eligible: torch.Tensor, budget: int, fill: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of the ``budget`` largest keys among eligible ones, eligible first: ``(K, budget)``, and
-    per class the valid count ``(K,)`` and the number of eligible rows ``(K,)``."""
+    """Columns of the ``budget`` largest keys among eligible ones, eligible first: ``(R, budget)``,
+    and per row the valid count ``(R,)`` and the number of eligible columns ``(R,)``.
+
+    ``keys`` must exceed every ``fill`` value where eligible; ineligible columns rank by ``fill``
+    (the class fraction: real patches before padding)."""
     k = min(budget, keys.shape[-1])
-    masked = torch.where(eligible, keys, -1.0)
+    masked = torch.where(eligible, keys, fill)
     rows = torch.topk(masked, k, dim=-1, largest=True, sorted=True).indices
     available = eligible.sum(-1)
     return _pad_columns(rows, budget), torch.clamp(available, max=k), available
@@ -79,36 +145,34 @@ def _top_rows(
 
 @register_sampler("random")
 def random_sample(
-    counts: torch.Tensor,
-    patch_pixels: int,
+    cand: Candidates,
     num_positives: int,
     num_negatives: int,
     confidence: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> StageSample:
-    """Uniform sampling without replacement: each class keeps the rows with the largest i.i.d.
+) -> Sample:
+    """Uniform sampling without replacement: each row keeps the columns with the largest i.i.d.
     uniform keys among its candidates (a random permutation truncated to the budget).
 
-    One ``rand(K, N)`` serves both sets: positives and negatives of a class are disjoint, so their keys
+    One ``rand(R, N)`` serves both sets: positives and negatives of a row are disjoint, so their keys
     are independent. ``confidence`` is ignored.
     """
-    pos_mask, neg_mask = candidate_masks(counts, patch_pixels)
-    keys = torch.rand(pos_mask.shape, device=counts.device, generator=generator)
-    pos_rows, pos_count, pos_available = _top_rows(keys, pos_mask, num_positives)
-    neg_rows, neg_count, neg_available = _top_rows(keys, neg_mask, num_negatives)
-    return StageSample(pos_rows, pos_count, neg_rows, neg_count, pos_available, neg_available)
+    # Keys in [2, 3): above every fill (class fractions in [0, 1], padding below).
+    keys = torch.rand(cand.fraction.shape, device=cand.fraction.device, generator=generator).add_(2.0)
+    pos_rows, pos_count, pos_available = _top_rows(keys, cand.positive, num_positives, cand.fraction)
+    neg_rows, neg_count, neg_available = _top_rows(keys, cand.negative, num_negatives, cand.fraction)
+    return Sample(pos_rows, pos_count, neg_rows, neg_count, pos_available, neg_available)
 
 
 @register_sampler("confidence")
 def confidence_sample(
-    counts: torch.Tensor,
-    patch_pixels: int,
+    cand: Candidates,
     num_positives: int,
     num_negatives: int,
     confidence: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> StageSample:
-    """Sampling by predicted confidence (spec §1.4, the HEAD variant), per class c:
+) -> Sample:
+    """Sampling by predicted confidence (spec §1.4, the HEAD variant), per row (group, stage, class c):
 
     * positives: the ``h = num_positives // 2`` least confident and the ``h`` most confident positives
       (at most half of the candidates each, so the two halves never overlap), interleaved so that
@@ -116,23 +180,22 @@ def confidence_sample(
     * negatives: the ``num_negatives`` negatives with the highest predicted probability of c
       (confidently wrong).
 
-    ``confidence``: ``(G, K, h, w)`` mean predicted probability of each class over each patch.
+    ``confidence``: ``(R, N)`` mean predicted probability of the row's class over each patch, in the
+    layout of ``cand`` (:func:`spread_rows`).
     """
     if confidence is None:
         raise ValueError("confidence sampling needs the per-patch class probabilities")
-    pos_mask, neg_mask = candidate_masks(counts, patch_pixels)
-    K, N = pos_mask.shape
-    conf = confidence.detach().transpose(0, 1).reshape(K, N).to(torch.float32)
-    inf = torch.full((), float("inf"), device=conf.device)
-    order = torch.sort(
-        torch.where(pos_mask, conf, inf), dim=-1, stable=True
-    ).indices  # ascending, eligible first
-    pos_available = pos_mask.sum(-1)
+    R, N = cand.positive.shape
+    conf = confidence.detach().to(torch.float32)
+    # Ascending: eligible positives (confidence in [0, 1]) first, then the other real patches
+    # (3 - fraction in [2, 3]), padding last (4).
+    order = torch.sort(torch.where(cand.positive, conf, 3.0 - cand.fraction), dim=-1, stable=True).indices
+    pos_available = cand.positive.sum(-1)
     h = min(num_positives // 2, N // 2)
     half = torch.minimum(pos_available // 2, torch.full_like(pos_available, h))
     i = torch.arange(h, device=conf.device)
     low = order[:, :h]
     high = order.gather(1, (pos_available[:, None] - 1 - i[None, :]).clamp(min=0))
-    pos_rows = _pad_columns(torch.stack([low, high], dim=-1).reshape(K, 2 * h), 2 * (num_positives // 2))
-    neg_rows, neg_count, neg_available = _top_rows(conf, neg_mask, num_negatives)
-    return StageSample(pos_rows, 2 * half, neg_rows, neg_count, pos_available, neg_available)
+    pos_rows = _pad_columns(torch.stack([low, high], dim=-1).reshape(R, 2 * h), 2 * (num_positives // 2))
+    neg_rows, neg_count, neg_available = _top_rows(conf + 2.0, cand.negative, num_negatives, cand.fraction)
+    return Sample(pos_rows, 2 * half, neg_rows, neg_count, pos_available, neg_available)
