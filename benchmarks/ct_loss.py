@@ -5,6 +5,7 @@ Usage (CPU; figures in docs/benchmarks.md, section "CT loss"):
     .venv/bin/python benchmarks/ct_loss.py                        # both parts, B = 8 and 16 for the loss
     .venv/bin/python benchmarks/ct_loss.py --part loss --batch 8 16 --repeats 5
     .venv/bin/python benchmarks/ct_loss.py --part step --repeats 3 --json runs/ct_bench.json
+    .venv/bin/python benchmarks/ct_loss.py --part launches --batch 8
     .venv/bin/python benchmarks/ct_loss.py --device cuda          # on a GPU machine
     .venv/bin/python benchmarks/ct_loss.py --device cuda --part step --extra paper-cl+graph paper-cl+compile
 
@@ -13,6 +14,10 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
 
 * ``--part loss``: forward + backward of ``PatchContrastiveLoss`` alone on random features that require
   grad (``clip=None``, so the gradient always flows), for paper/reference × CL/InfoNCE.
+* ``--part launches``: what one forward + backward of the eager loss dispatches (B = first ``--batch``):
+  top-level ATen operators (all, and those that compute: not views or metadata) and, on CUDA, the
+  device kernels and copies. On a GPU the eager loss is bound by the host's launch cost, so these
+  counts are the machine-independent measure of its time overhead there; they need no GPU to measure.
 * ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
   each CT variant. Times are medians of ``--repeats`` steps, configurations interleaved round-robin
@@ -162,6 +167,59 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
             step(v)
             torch.cuda.synchronize()
             out[v]["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return out
+
+
+# --------------------------------------------------------------------------- launches
+# ATen operators that only make a view or read metadata: no kernel, a few µs of host time each.
+VIEW_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "alias", "as_strided", "chunk", "detach", "expand", "expand_as", "flatten", "lift_fresh", "narrow",
+        "permute", "reshape", "resolve_conj", "resolve_neg", "select", "slice", "split", "squeeze", "t",
+        "transpose", "unbind", "unflatten", "unsqueeze", "view", "view_as", "_reshape_alias", "_unsafe_view",
+        "empty", "empty_like", "empty_strided", "is_nonzero", "item", "_local_scalar_dense", "size", "stride",
+    )
+)  # fmt: skip
+
+
+def count_launches(batch: int, device: torch.device) -> dict[str, dict[str, int]]:
+    """Per eager variant, what one forward + backward of the loss alone dispatches (after a warm-up):
+    ``ops`` top-level ATen operators (called from Python or autograd, not from inside another
+    operator), ``compute_ops`` those not in :data:`VIEW_OPS`, and on CUDA ``device_kernels``, the
+    kernels, copies and fills the device ran. The input check is off, as by default on CUDA."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    feats, mask = loss_inputs(batch, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out: dict[str, dict[str, int]] = {}
+    for v in VARIANTS:
+        # The input check off, as it is by default on CUDA (on CPU it is on and adds its reads).
+        ct = make_ct(v, device, clip=None, check_inputs=False)
+        loss, _ = ct(feats, mask)
+        loss.backward()
+        sync(device)
+        with profile(activities=activities) as prof:
+            loss, _ = ct(feats, mask)
+            loss.backward()
+            sync(device)
+        ops = compute = kernels = 0
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                kernels += 1
+                continue
+            if not e.name.startswith("aten::"):
+                continue
+            parent = e.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            if parent is None:
+                ops += 1
+                compute += e.name not in VIEW_OPS
+        out[v] = {"ops": ops, "compute_ops": compute}
+        if device.type == "cuda":
+            out[v]["device_kernels"] = kernels
     return out
 
 
@@ -394,7 +452,7 @@ def measure_step_memory(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["loss", "step", "all"], default="all")
+    ap.add_argument("--part", choices=["loss", "launches", "step", "all"], default="all")
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="loss part; the step part uses B=8")
     ap.add_argument(
         "--step-batch", type=int, default=8, help="step part batch size (the target is stated at 8)"
@@ -437,6 +495,13 @@ def main() -> None:
             for v, r in res.items():
                 extra = f"  peak +{r['peak_extra_gib']:.3f} GiB" if "peak_extra_gib" in r else ""
                 print(f"  {v:18s} {r['time_s'] * 1000:9.1f} ms{extra}")
+    if args.part in ("launches", "all"):
+        res = count_launches(args.batch[0], device)
+        results[f"launches_B{args.batch[0]}"] = res
+        print(f"\nCT loss alone, one forward + backward, B={args.batch[0]}, {SIZE}², {device}: dispatched")
+        for v, r in res.items():
+            kernels = f"   device kernels {r['device_kernels']:5d}" if "device_kernels" in r else ""
+            print(f"  {v:18s} ATen ops {r['ops']:5d}   of which compute {r['compute_ops']:5d}{kernels}")
     if args.part in ("step", "all"):
         res = bench_step(args.repeats, device, args.step_batch, args.warmup, args.memory_steps, args.extra)
         results[f"step_B{args.step_batch}"] = res

@@ -8,8 +8,9 @@
 # Parts (each time-boxed with `timeout`; a failing part is recorded and the script goes on):
 #   1. environment (nvidia-smi, torch/CUDA versions)
 #   2. GPU-marked tests (pytest -m gpu)
-#   3. the CT loss benchmark on CUDA (benchmarks/ct_loss.py: loss alone, and the DCPoolFormer step
-#      overhead at B = 8, 512², fp32, incl. the stats read inside the step vs left on the device)
+#   3. the CT loss benchmark on CUDA (benchmarks/ct_loss.py: loss alone, the operators and device
+#      kernels one eager forward + backward dispatches, and the DCPoolFormer step overhead at B = 8,
+#      512², fp32, incl. the stats read inside the step vs left on the device)
 #   3b. CUDA-graph CT loss diagnostics (benchmarks/ct_graph_check.py: recording under deterministic
 #      algorithms, memory of the graphs, kernels per call, GPU-busy time of a step)
 #   4. bf16 training steps of each paper preset at 512², B = 16, without CT and with CL / InfoNCE:
