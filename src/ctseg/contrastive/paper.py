@@ -71,21 +71,21 @@ def group_bounds(batch_size: int, group_size: int | None) -> list[tuple[int, int
     return [(b0, min(b0 + g, batch_size)) for b0 in range(0, batch_size, g)]
 
 
-# Stages sampled together are padded to the widest one's patches (sampling.Candidates); a stage joins
-# the previous ones while that padding at most doubles their size. For a pyramid of strides 4, 8, 16, 32
-# that gives two batches, {4, 8} and {16, 32}: half the launches of one batch per stage, and about half
-# the memory and host work of padding every stage to stride 4's map.
-MAX_PADDING = 2.0
-
-
 def stage_batches(grids: Sequence[StageGrid]) -> list[list[int]]:
-    """Consecutive stages sampled together (indices into ``grids``)."""
+    """Consecutive stages sampled together (indices into ``grids``).
+
+    Stages sampled together are padded to the widest one's patches (:class:`~ctseg.contrastive.
+    sampling.Candidates`). A stage joins the previous ones while the padded batch stays no larger
+    than the largest stage alone, so the sampling's peak memory is that of sampling stage by stage.
+    For a pyramid of strides 4, 8, 16, 32: {4} and {8, 16, 32}, half the launches of one batch per
+    stage (one batch of all four would hold 4× the stride-4 map).
+    """
+    capacity = max(gr.h * gr.w for gr in grids)
     batches: list[list[int]] = []
     for s in range(len(grids)):
         if batches:
             members = [*batches[-1], s]
-            sizes = [grids[i].h * grids[i].w for i in members]
-            if len(members) * max(sizes) <= MAX_PADDING * sum(sizes):
+            if len(members) * max(grids[i].h * grids[i].w for i in members) <= capacity:
                 batches[-1].append(s)
                 continue
         batches.append([s])
