@@ -52,6 +52,7 @@ def _batchable(heads: Sequence[nn.Module]) -> bool:
         return False
     return all(
         h.fc2.weight.shape == first.fc2.weight.shape
+        and h.fc1.weight.dtype == h.fc2.weight.dtype == first.fc2.weight.dtype
         and type(h.act) is type(first.act)
         and getattr(h.act, "approximate", None) == getattr(first.act, "approximate", None)
         and h.fc1.bias is not None
@@ -69,8 +70,8 @@ def project_stages(
     ``*X``) → ``(S, *X, d)`` unit rows, float32.
 
     Only the first layer differs between stages (its input width); the activation, the second layer
-    and the normalisation run once for all of them as batched products. That is a third of the
-    kernels of one call per head, which matters on a GPU, where the loss is bound by kernel launches.
+    and the normalisation run once for all of them as batched products: for four stages 14 operators
+    in the forward instead of 33, which matters on a GPU, where the loss is bound by kernel launches.
     Values equal ``stack([heads[s](rows[s])])`` up to float rounding.
 
     Args:

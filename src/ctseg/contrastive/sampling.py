@@ -2,7 +2,8 @@
 
 The patches of every group, stage and class are laid out as the rows of one tensor
 (:class:`Candidates`), so that one draw and one selection serve all of them: on a GPU the loss is
-bound by kernel launches, and a sampler per stage cost four times the launches. Samplers return
+bound by kernel launches, and a draw and two selections per stage and group cost more launches than
+the sampling costs device time (``paper.stage_batches`` says which stages share a layout). Samplers return
 fixed-shape index tensors plus per-row counts of valid entries (valid entries first), so nothing
 depends on data-dependent shapes and no host synchronisation is needed. Registry: :data:`SAMPLERS`
 (``"random"``, ``"confidence"``).
@@ -39,8 +40,9 @@ class Candidates:
     (those slots lie beyond the valid count).
 
     Attributes:
-        fraction: ``(R, N)`` float32, the share of the patch's pixels that are of the class (exact:
-            ``count / p_s²``), :data:`PADDING` in padding columns.
+        fraction: ``(R, N)`` float32, the share ``count / p_s²`` of the patch's pixels that are of the
+            class (exactly 1 for a pure patch and 0 for one without the class: patch sizes stay far
+            below 2²⁴ pixels), :data:`PADDING` in padding columns.
         positive: ``(R, N)`` bool, every pixel of the patch is the class.
         negative: ``(R, N)`` bool, no pixel is.
         columns_per_image: n.
