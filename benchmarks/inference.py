@@ -5,9 +5,10 @@ Usage (figures in docs/benchmarks.md, section "Inference"):
     .venv/bin/python benchmarks/inference.py                                   # 3000² and 6000², paper preset
     .venv/bin/python benchmarks/inference.py --sizes 1024,2048 --device cpu    # what fits a 2-core CPU
     .venv/bin/python benchmarks/inference.py --device cuda --batch-size 16 --json runs/infer_bench.json
+    .venv/bin/python benchmarks/inference.py --compress deflate --read-threads 1   # a compressed scene, one decoding thread
 
-For every scene size a random-texture RGB uint8 GeoTIFF (UTM CRS, 0.5 m) is generated strip by strip
-in ``--workdir``; then a fresh subprocess per size (so that its peak RSS is its own) builds the model
+For every scene size a random-texture RGB uint8 GeoTIFF (UTM CRS, 0.5 m, 256² tiles, uncompressed unless
+``--compress``) is generated strip by strip in ``--workdir``; then a fresh subprocess per size (so that its peak RSS is its own) builds the model
 (``ctseg.models.create(--model)``, random init, ``for_inference()``), warms it up and measures, side by
 side:
 
@@ -71,7 +72,7 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 6
 
 
-def generate_scene(path: Path, size: int, seed: int = 0, strip: int = 512) -> None:
+def generate_scene(path: Path, size: int, seed: int = 0, strip: int = 512, compress: str = "none") -> None:
     """A ``size x size`` RGB uint8 GeoTIFF of blocky random texture, written strip by strip."""
     import rasterio
     from affine import Affine
@@ -91,6 +92,8 @@ def generate_scene(path: Path, size: int, seed: int = 0, strip: int = 512) -> No
         "blockxsize": 256,
         "blockysize": 256,
     }
+    if compress != "none":
+        profile.update(compress=compress, num_threads="ALL_CPUS")
     with rasterio.open(path, "w", **profile) as ds:
         for y0 in range(0, size, strip):
             h = min(strip, size - y0)
@@ -169,6 +172,10 @@ def worker(args: argparse.Namespace) -> dict:
     from ctseg.inference.predict import predict_file
     from ctseg.inference.sliding import SlidingWindow
 
+    if args.read_threads is not None:
+        import ctseg.inference.io
+
+        ctseg.inference.io.READ_THREADS = args.read_threads
     device = args.device
     settings = SlidingWindow(
         window=args.window, overlap=args.overlap, blend=args.blend, batch_size=args.batch_size
@@ -458,6 +465,17 @@ def main() -> int:
         default=3,
         help="full, raw and compute runs per size, alternating; medians reported (default 3)",
     )
+    p.add_argument(
+        "--compress",
+        choices=["none", "deflate", "lzw"],
+        default="none",
+        help="compression of the generated scene's tiles (default none)",
+    )
+    p.add_argument(
+        "--read-threads",
+        default=None,
+        help="GDAL decoding threads of the scene reader (default: ctseg's, ALL_CPUS); 1 for one thread",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scene", type=Path, help=argparse.SUPPRESS)
@@ -475,13 +493,14 @@ def main() -> int:
         for size in sizes:
             scene = Path(tmp.name) / f"scene-{size}.tif"
             t0 = time.perf_counter()
-            generate_scene(scene, size)
+            generate_scene(scene, size, compress=args.compress)
             print(
                 f"generated {scene.name} ({size}x{size}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr
             )
             cmd = [sys.executable, __file__, "--worker", "--scene", str(scene)]
             for k in (
-                "model", "window", "overlap", "blend", "batch_size", "device", "threads", "simulate_forward_ms", "repeat"
+                "model", "window", "overlap", "blend", "batch_size", "device", "threads", "simulate_forward_ms", "repeat",
+                "read_threads",
             ):  # fmt: skip
                 v = getattr(args, k)
                 if v is not None:
@@ -507,6 +526,8 @@ def main() -> int:
         "overlap": args.overlap,
         "blend": args.blend,
         "batch_size": args.batch_size,
+        "compress": args.compress,
+        "read_threads": args.read_threads,
         "device": torch.cuda.get_device_name()
         if args.device.startswith("cuda")
         else f"cpu ({torch.get_num_threads()} threads)",

@@ -175,6 +175,37 @@ def test_geotiff_larger_than_a_tile_block_is_written_by_windows(
         np.testing.assert_array_equal(d.read(1), predict_large(model, image, window=64, overlap=16).labels)
 
 
+@pytest.mark.parametrize("compress", ["deflate", "lzw"])
+def test_compressed_tiled_geotiff_decoded_on_several_threads_reads_the_written_pixels(
+    tmp_path: Path, rng: np.random.Generator, compress: str
+) -> None:
+    """A strip spans many compressed tiles, decoded in parallel (``read_threads``): into a fresh
+    array and into a strided destination, with rows that cross tile borders."""
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from ctseg.inference.io import RasterioReader
+
+    image = rng.integers(0, 256, (300, 700, 3), dtype=np.uint8)
+    profile = {
+        "driver": "GTiff", "width": 700, "height": 300, "count": 3, "dtype": "uint8",
+        "tiled": True, "blockxsize": 64, "blockysize": 64, "compress": compress,
+        "crs": "EPSG:32632", "transform": Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 5800000.0),
+    }  # fmt: skip
+    path = tmp_path / f"{compress}.tif"
+    with rasterio.open(path, "w", **profile) as ds:
+        for y0 in range(0, 300, 100):  # written by windows: the tiles are compressed one by one
+            ds.write(np.moveaxis(image[y0 : y0 + 100], -1, 0), window=Window(0, y0, 700, 100))
+    for threads in (1, 4, "ALL_CPUS"):
+        with RasterioReader(path, read_threads=threads) as reader:
+            np.testing.assert_array_equal(reader.read_rows(37, 201), np.moveaxis(image[37:201], -1, 0))
+            out = np.zeros((3, 164, 710), np.uint8)
+            reader.read_rows_into(37, 201, out[:, :, 5:705])
+            np.testing.assert_array_equal(out[:, :, 5:705], np.moveaxis(image[37:201], -1, 0))
+            assert not out[:, :, :5].any() and not out[:, :, 705:].any()
+
+
 def test_geotiff_band_selection_and_non_uint8(tmp_path: Path, rng: np.random.Generator) -> None:
     pytest.importorskip("rasterio")
     rgbi = rng.integers(0, 4000, (40, 50, 4), dtype=np.uint16)

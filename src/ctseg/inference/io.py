@@ -199,11 +199,27 @@ class PillowReader(ArrayReader):
         super().__init__(array, input_max=input_max, path=path, bands=bands)
 
 
+# Threads GDAL decodes the compressed tiles of one read with (the GTiff driver's NUM_THREADS open
+# option): a strip of a 6000-wide scene spans dozens of tiles, and a compressed scene decoded on one
+# core can take longer than the GPU's forward over the same rows. On the 2-core box reading a deflate
+# 6000² scene alone took 0.37 instead of 0.53 s (docs/benchmarks.md, Inference).
+READ_THREADS = "ALL_CPUS"
+
+
 class RasterioReader(SceneReader):
-    """A GeoTIFF (or any raster GDAL reads) read by row windows; keeps CRS and transform."""
+    """A GeoTIFF (or any raster GDAL reads) read by row windows; keeps CRS and transform.
+
+    ``read_threads``: GDAL's decoding threads per read of a compressed raster (``"ALL_CPUS"`` or a
+    number; 1: one thread; None: :data:`READ_THREADS`). Uncompressed rasters are read on one thread.
+    """
 
     def __init__(
-        self, path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
+        self,
+        path: str | Path,
+        *,
+        input_max: float | None = None,
+        bands: Sequence[int] | None = None,
+        read_threads: int | str | None = None,
     ):
         rasterio = import_rasterio()
         if rasterio is None:
@@ -215,6 +231,12 @@ class RasterioReader(SceneReader):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 self._ds = rasterio.open(self.path)
+                threads = str(READ_THREADS if read_threads is None else read_threads)
+                if self._ds.compression is not None and threads != "1":
+                    # Reopened (≈ 1 ms) with decoding threads: for uncompressed tiles they only
+                    # compete with the prediction thread (slower heads on the 2-core box).
+                    self._ds.close()
+                    self._ds = rasterio.open(self.path, num_threads=threads)
         except rasterio.errors.RasterioIOError as exc:
             raise DataError(self.path, f"cannot read raster ({exc})") from exc
         ds = self._ds
