@@ -60,6 +60,8 @@ CHANNELS = (64, 128, 256, 512)
 STRIDES = (4, 8, 16, 32)
 NUM_CLASSES, IGNORE = 5, 5
 SIZE = 512  # crop / input size in pixels (--size)
+# Key of a benchmark-only variant setting: inductor's GEMM backends for the loss's compile.
+GEMM_BACKENDS = "_gemm_backends"
 COLOURS = [(60, 16, 152), (132, 41, 246), (110, 193, 228), (254, 221, 58), (226, 169, 41)]  # README order
 VARIANTS = {
     "paper-cl": {"mode": "paper", "loss": "cl"},
@@ -84,6 +86,18 @@ CUDA_STEP_VARIANTS = {
     "paper-infonce+compile": {"mode": "paper", "loss": "infonce", "compile": "default"},
     # Both: the recorded parts are compiled first (fused kernels in the graphs: less device time).
     "paper-cl+compile+graph": {"mode": "paper", "loss": "cl", "compile": "default", "cuda_graph": True},
+    # EXPERIMENT, benchmark only (not a loss option): recorded parts compiled with Triton GEMMs only
+    # (inductor's max_autotune_gemm_backends="TRITON"), so that no cuBLAS call runs on the capture
+    # stream and its two 32 MiB cuBLAS workspaces (most of what keeps the recorded loss above +3 %
+    # memory, docs/benchmarks.md) are never allocated. To be measured on a GPU: "held after" by stream
+    # shows whether the side stream still holds workspaces; a GEMM Triton cannot do fails the variant.
+    "paper-cl+compile-tritongemm+graph": {
+        "mode": "paper",
+        "loss": "cl",
+        "compile": "max-autotune-no-cudagraphs",
+        "cuda_graph": True,
+        GEMM_BACKENDS: "TRITON",
+    },
 }
 # Extra variants run on CUDA unless --extra names others (the compiled ones cost minutes of compiling).
 DEFAULT_CUDA_EXTRA = ("paper-cl+sync", "paper-cl+graph", "paper-infonce+graph")
@@ -126,8 +140,15 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def make_ct(variant: str, device: torch.device, **kw) -> PatchContrastiveLoss:
-    options = {**VARIANTS, **CUDA_STEP_VARIANTS}[variant]
-    return PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **options, **kw).to(device)
+    options = dict({**VARIANTS, **CUDA_STEP_VARIANTS}[variant])
+    backends = options.pop(GEMM_BACKENDS, None)
+    ct = PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **options, **kw).to(device)
+    if backends is not None:  # the experiment above: the loss's compile with inductor options instead
+        from torch._inductor import list_mode_options
+
+        inductor = {**list_mode_options(ct.compile), "max_autotune_gemm_backends": backends}
+        ct._torch_compile = lambda fn: torch.compile(fn, dynamic=False, options=inductor)  # type: ignore[method-assign]
+    return ct
 
 
 # --------------------------------------------------------------------------- loss alone

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (the parts' time boxes add up to 965 s, 1385 s with ct-loss-compiled, more than one 600 s device call: run subsets with PARTS). From the repository root:
+# One script for a lent GPU (the parts' time boxes add up to 965 s, 1385 s with ct-loss-compiled, 1925 s with ct-loss-tritongemm too, more than one 600 s device call: run subsets with PARTS). From the repository root:
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh
 # On the workplace's device machine (python3 with torch, no jsonargparse/rasterio, no internet): carry the
 # wheels in .whl/ (jsonargparse, docstring-parser, typeshed-client, rasterio, affine, cligj, click-plugins;
@@ -17,7 +17,8 @@
 #      images/s, time and peak-memory ratios vs the no-CT row (benchmarks/training.py)
 #   5. sliding-window inference on generated 3000² / 6000² GeoTIFFs (benchmarks/inference.py)
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
-#   (ct-loss-compiled: like 3 with the compiled recorded loss; only when named in PARTS, 420 s box)
+#   (ct-loss-compiled: like 3 with the compiled recorded loss; only when named in PARTS, 420 s box;
+#    ct-loss-tritongemm: the same with Triton GEMMs only, an experiment; only when named, 540 s box)
 # PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
 # the GPU tests' selection (default: `-m gpu tests`); CT_GRAPH_PARTS="snapshot workspaces" picks
 # diagnostics of part 3b; INFERENCE_ARGS replaces the extra options of part 5 (default: --repeat 5, five warm runs).
@@ -71,6 +72,11 @@ part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json"
 # Not in the default PARTS (minutes of torch.compile): the recorded loss with compiled parts, side by side.
 part ct-loss-compiled 420 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 10 --warmup 3 \
   --memory-steps 1 --extra paper-cl+graph paper-cl+compile+graph --json "$OUT/ct-loss-compiled.json"
+# Not in the default PARTS: an experiment, the recorded loss compiled with Triton GEMMs only (no cuBLAS
+# workspaces on the capture stream?); compiles with autotuning in the timing process and again in its
+# memory child.
+part ct-loss-tritongemm 540 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 10 --warmup 3 \
+  --memory-steps 1 --extra paper-cl+graph paper-cl+compile-tritongemm+graph --json "$OUT/ct-loss-tritongemm.json"
 part training-bf16 150 "$PY" benchmarks/training.py --device cuda --precision bf16 --size 512 --batch 16 \
   --steps 5 --warmup 2 --ct none cl infonce cl+graph infonce+graph  # its table is in the log (the device tool returns at most 8 files)
 # shellcheck disable=SC2086
