@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from ctseg.contrastive.heads import ProjectionHead, build_heads, project_stages, unit_rows
+from ctseg.contrastive.heads import ProjectionHead, build_heads, project_stages, take_rows, unit_rows
 
 CHANNELS = (16, 32, 64, 128)
 
@@ -74,3 +76,115 @@ def test_heads_that_differ_in_more_than_their_input_width_are_projected_one_by_o
     mixed = [ProjectionHead(16, 8), _OtherHead(32), ProjectionHead(64, 8), ProjectionHead(128, 8, hidden=4)]
     out = project_stages(mixed, rows)
     torch.testing.assert_close(out, torch.stack([h(r) for h, r in zip(mixed, rows, strict=True)]))
+
+
+# --------------------------------------------------------------------------- take_rows: late gradient
+def _index(feature: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    return feature.flatten(2)[image, :, patch]  # the plain index take_rows must equal
+
+
+def _rows_case(seed: int, dtype=torch.float32, channels_last: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    leaf = torch.randn(3, 6, 5, 4, generator=g).to(dtype)
+    if channels_last:
+        leaf = leaf.to(memory_format=torch.channels_last)
+    image = torch.randint(0, 3, (4, 7), generator=g)
+    patch = torch.randint(0, 20, (4, 7), generator=g)
+    patch[0, :3] = patch[1, :3]  # the same patch in several rows: the gradients add up
+    image[0, :3] = image[1, :3]
+    weights = torch.randn(4, 7, 6, generator=g).to(dtype)
+    return leaf.requires_grad_(True), image, patch, weights
+
+
+@pytest.mark.parametrize(
+    ("other_consumer", "dtype", "channels_last"),
+    [
+        (True, torch.float32, False),
+        (False, torch.float32, False),
+        (True, torch.bfloat16, False),
+        (True, torch.float32, True),
+    ],
+)
+def test_rows_gradient_equals_the_plain_index(other_consumer, dtype, channels_last):
+    """With another consumer of the map (a decoder) or without, duplicate rows, bf16, channels-last."""
+    grads = []
+    for take in (_index, take_rows):
+        leaf, image, patch, weights = _rows_case(0, dtype, channels_last)
+        feature = leaf * 2  # a non-leaf map, like a backbone's output
+        loss = (take(feature, image, patch) * weights).sum()
+        if other_consumer:
+            loss = loss + (feature.float() ** 2).sum()
+        loss.backward()
+        grads.append(leaf.grad)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+
+
+def test_rows_gradient_of_a_leaf_map_through_autograd_grad_and_a_retained_graph():
+    leaf, image, patch, weights = _rows_case(1)
+    (want,) = torch.autograd.grad((_index(leaf, image, patch) * weights).sum(), leaf)
+    loss = (take_rows(leaf, image, patch) * weights).sum()
+    (got,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    torch.testing.assert_close(got, want)
+    loss.backward(retain_graph=True)  # a second pass over the same graph adds the rows again
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * want)
+
+
+def test_rows_left_out_of_the_backward_pass_add_nothing():
+    leaf, image, patch, _ = _rows_case(2)
+    feature = leaf * 1
+    take_rows(feature, image, patch)  # computed, never used in the loss
+    (feature**2).sum().backward()
+    torch.testing.assert_close(leaf.grad, 2 * leaf.detach())
+
+
+def test_rows_second_derivatives_equal_the_plain_index():
+    """With ``create_graph`` the rows' gradient, added in the hook, is itself differentiated."""
+    results = []
+    for take in (_index, take_rows):
+        leaf, image, patch, weights = _rows_case(3, torch.float64)
+        feature = leaf * 2
+        loss = (take(feature, image, patch) ** 2 * weights).sum() + (feature**3).sum()
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        (h,) = torch.autograd.grad((g**2).sum(), leaf)
+        results.append((g.detach(), h))
+    torch.testing.assert_close(results[1], results[0])
+
+
+class _Probe(torch.autograd.Function):
+    """Identity whose backward is marked in the profiler: when the decoder's gradient is computed."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        with record_function("probe"):
+            return grad * 1
+
+
+def _live_bytes_at_probe(take) -> int:
+    """CPU tensor bytes allocated between the start of the backward pass and the decoder's gradient."""
+    g = torch.Generator().manual_seed(4)
+    big = torch.randn(8, 64, 32, 32, requires_grad=True)  # 2 MiB map
+    image, patch = torch.randint(0, 8, (5, 30), generator=g), torch.randint(0, 1024, (5, 30), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        feature = big * 1
+        decoder = _Probe.apply(feature).sum()  # created first: its backward runs after the loss's
+        loss = decoder + take(feature, image, patch).sum()
+        with record_function("backward"):
+            loss.backward()
+    events = prof.profiler.kineto_results.events()
+    start = next(e.start_ns() for e in events if e.name() == "backward")
+    probe = next(e.start_ns() for e in events if e.name() == "probe")
+    return sum(e.nbytes() for e in events if e.name() == "[memory]" and start <= e.start_ns() < probe)
+
+
+def test_rows_gradient_holds_no_map_sized_buffer_until_the_decoder_gradient_arrives():
+    """What the late gradient is for: with the plain index a zero map-sized gradient is allocated at
+    the start of the backward pass and held while the decoder's backward runs (the step's peak)."""
+    map_bytes = 8 * 64 * 32 * 32 * 4
+    assert _live_bytes_at_probe(_index) >= map_bytes  # the control: the measurement sees the buffer
+    assert _live_bytes_at_probe(take_rows) < map_bytes // 8

@@ -127,9 +127,57 @@ def split_rows(rows: torch.Tensor, patches_per_image: int) -> tuple[torch.Tensor
 
 def take_rows(feature: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
     """Rows of a feature map without copying the whole map: ``(B, C, h, w)`` and indices of any
-    (equal) shape ``(*S,)`` → ``(*S, C)``. One indexing op; its backward scatters into the map's
-    gradient only."""
+    (equal) shape ``(*S,)`` → ``(*S, C)``, one indexing op.
+
+    With gradients, the rows' gradient reaches the map late (:class:`_LateRowsGrad`): added to the
+    map's gradient once the rest of the network's gradient for it is complete, instead of as a
+    map-sized gradient of its own at the start of the backward pass.
+    """
+    if feature.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _LateRowsGrad.take(feature, image, patch)
     return feature.flatten(2)[image, :, patch]
+
+
+class _LateRowsGrad(torch.autograd.Function):
+    """Indexing whose backward hands its gradient to a hook on the feature map instead of returning it.
+
+    The loss is computed after the decoder, so its backward runs first. A plain index's backward
+    makes a zero map-sized gradient and scatters the rows into it, and autograd keeps that buffer
+    until the decoder's gradient for the same map arrives, deep into the backward pass: for
+    DCPoolFormer at B = 8, 512², 63 MiB of buffers for four maps held through the step's peak, which
+    was all of CT's +1.7 % of peak memory (docs/benchmarks.md). Here the backward keeps the rows'
+    gradient (``(*S, C)``, small) and returns an expanded zero, which costs no memory; a hook on the
+    feature map adds the rows when the map's whole gradient is known, into a copy it returns.
+    Values, also of second derivatives, are those of the plain index up to rounding (tested).
+    """
+
+    @staticmethod
+    def take(feature: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        pending: list[torch.Tensor] = []
+        rows = _LateRowsGrad.apply(feature, image, patch, pending)
+        B, C = feature.shape[:2]
+
+        def add_rows(grad: torch.Tensor) -> torch.Tensor:
+            if not pending:  # the rows were not part of this backward pass
+                return grad
+            rows_grad = pending.pop()
+            # A copy: a hook must not change the tensor it is given (autograd may share it).
+            out = grad.clone(memory_format=torch.contiguous_format)
+            out.view(B, C, -1).transpose(1, 2).index_put_((image, patch), rows_grad, accumulate=True)
+            return out
+
+        feature.register_hook(add_rows)
+        return rows
+
+    @staticmethod
+    def forward(ctx, feature, image, patch, pending):  # type: ignore[override]
+        ctx.shape, ctx.pending = feature.shape, pending
+        return feature.flatten(2)[image, :, patch]
+
+    @staticmethod
+    def backward(ctx, rows_grad):  # type: ignore[override]
+        ctx.pending.append(rows_grad)
+        return rows_grad.new_zeros(()).expand(ctx.shape), None, None, None
 
 
 def gather_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
