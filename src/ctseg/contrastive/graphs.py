@@ -7,7 +7,7 @@ gather, so that the graphs never hold a copy of the feature maps:
 
 1. **sampling** (no gradient): mask (and class probabilities) → patch class counts → sampled rows;
 2. eager: ``gather_sampled_rows`` reads the sampled rows of every stage's feature map (one indexing op per
-   stage; its backward scatters into the maps' gradients);
+   stage; its gradient joins the maps' gradients once those are complete, ``heads.take_rows``);
 3. **tail** (forward and backward graphs, recorded by :func:`graphed`): projection
    heads, hard-pair mining, loss terms, clip, weight and packed stats.
 

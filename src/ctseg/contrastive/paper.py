@@ -5,8 +5,8 @@ last and runs the gather between them eagerly):
 
 1. :func:`sample_rows` — from the ground-truth patch counts only: a fixed budget of positive and
    negative patches per (group, stage, class), as flat indices into the feature maps;
-2. :func:`gather_sampled_rows` — the sampled rows of every stage's feature map (one indexing op per stage, so
-   the backward scatters into the maps without copying them);
+2. :func:`gather_sampled_rows` — the sampled rows of every stage's feature map (one indexing op per stage,
+   no copy of the maps; their gradient joins the maps' gradients late, ``heads.take_rows``);
 3. :func:`paper_results` — projection heads, hard-pair mining and the loss terms of every
    (group, stage, class) in one batch.
 
