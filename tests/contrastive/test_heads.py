@@ -131,6 +131,21 @@ def test_rows_gradient_of_a_leaf_map_through_autograd_grad_and_a_retained_graph(
     torch.testing.assert_close(leaf.grad, 2 * want)
 
 
+def test_repeated_gathers_from_a_kept_map_share_one_hook():
+    """A loss called again and again on the same tensor (a benchmark, cached features) must not pile
+    up hooks on it; calls that are never backpropagated add nothing, two losses add both."""
+    leaf, image, patch, weights = _rows_case(5)
+    for _ in range(20):
+        take_rows(leaf, image, patch)
+    a = (take_rows(leaf, image, patch) * weights).sum()
+    b = (take_rows(leaf, image.flip(0), patch.flip(0)) * weights).sum()
+    (a + 2 * b).backward()
+    assert len(leaf._backward_hooks) == 1  # private, but the only way to count a leaf's hooks
+    want_a = torch.autograd.grad((_index(leaf, image, patch) * weights).sum(), leaf)[0]
+    want_b = torch.autograd.grad((_index(leaf, image.flip(0), patch.flip(0)) * weights).sum(), leaf)[0]
+    torch.testing.assert_close(leaf.grad, want_a + 2 * want_b)
+
+
 def test_rows_left_out_of_the_backward_pass_add_nothing():
     leaf, image, patch, _ = _rows_case(2)
     feature = leaf * 1

@@ -138,45 +138,59 @@ def take_rows(feature: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -
     return feature.flatten(2)[image, :, patch]
 
 
+# Attribute of a feature map holding the rows' gradients that wait for its hook (one hook per map).
+_PENDING = "_ctseg_pending_rows"
+
+
 class _LateRowsGrad(torch.autograd.Function):
     """Indexing whose backward hands its gradient to a hook on the feature map instead of returning it.
 
     The loss is computed after the decoder, so its backward runs first. A plain index's backward
     makes a zero map-sized gradient and scatters the rows into it, and autograd keeps that buffer
     until the decoder's gradient for the same map arrives, deep into the backward pass: for
-    DCPoolFormer at B = 8, 512², 63 MiB of buffers for four maps held through the step's peak, which
+    DCPoolFormer at B = 8, 512², 60 MiB of buffers for four maps held through the step's peak, which
     was all of CT's +1.7 % of peak memory (docs/benchmarks.md). Here the backward keeps the rows'
     gradient (``(*S, C)``, small) and returns an expanded zero, which costs no memory; a hook on the
     feature map adds the rows when the map's whole gradient is known, into a copy it returns.
-    Values, also of second derivatives, are those of the plain index up to rounding (tested).
+
+    A map gets one hook for its lifetime, shared by every gather from it (several losses, repeated
+    calls on a kept tensor, retained graphs): each backward queues its rows on the map, the hook adds
+    all that are queued. Values, also of second derivatives, are those of the plain index up to
+    rounding (tested).
     """
 
     @staticmethod
     def take(feature: torch.Tensor, image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-        pending: list[torch.Tensor] = []
-        rows = _LateRowsGrad.apply(feature, image, patch, pending)
-        B, C = feature.shape[:2]
+        pending = getattr(feature, _PENDING, None)
+        if pending is None:
+            pending = []
+            B, C = feature.shape[:2]
 
-        def add_rows(grad: torch.Tensor) -> torch.Tensor:
-            if not pending:  # the rows were not part of this backward pass
-                return grad
-            rows_grad = pending.pop()
-            # A copy: a hook must not change the tensor it is given (autograd may share it).
-            out = grad.clone(memory_format=torch.contiguous_format)
-            out.view(B, C, -1).transpose(1, 2).index_put_((image, patch), rows_grad, accumulate=True)
-            return out
+            def add_rows(grad: torch.Tensor) -> torch.Tensor:
+                if not pending:  # no rows of this map were part of this backward pass
+                    return grad
+                # A copy: a hook must not change the tensor it is given (autograd may share it).
+                out = grad.clone(memory_format=torch.contiguous_format)
+                rows = out.view(B, C, -1).transpose(1, 2)  # (B, h·w, C) view
+                while pending:
+                    image, patch, rows_grad = pending.pop()
+                    rows.index_put_((image, patch), rows_grad, accumulate=True)
+                return out
 
-        feature.register_hook(add_rows)
-        return rows
+            feature.register_hook(add_rows)
+            setattr(feature, _PENDING, pending)
+        return _LateRowsGrad.apply(feature, image, patch, pending)
 
     @staticmethod
     def forward(ctx, feature, image, patch, pending):  # type: ignore[override]
+        ctx.save_for_backward(image, patch)
         ctx.shape, ctx.pending = feature.shape, pending
         return feature.flatten(2)[image, :, patch]
 
     @staticmethod
     def backward(ctx, rows_grad):  # type: ignore[override]
-        ctx.pending.append(rows_grad)
+        image, patch = ctx.saved_tensors
+        ctx.pending.append((image, patch, rows_grad))
         return rows_grad.new_zeros(()).expand(ctx.shape), None, None, None
 
 
