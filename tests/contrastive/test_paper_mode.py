@@ -222,3 +222,30 @@ def test_weight_and_stats_keys():
     fn.compute_stats = False
     loss2, st2 = fn(stage_features(2, 64, 64, 0), mask)
     assert st2 == {} and torch.isfinite(loss2)
+
+
+def test_ct_gradient_through_a_model_equals_the_plain_gather(monkeypatch):
+    """The rows' gradient joins the backbone's feature gradients late (``heads.take_rows``): through a
+    real model, beside the decoder's gradient, every parameter gets what a plain index gives."""
+    import ctseg.models
+
+    def plain(feature, image, patch):
+        return feature.flatten(2)[image, :, patch]
+
+    grads = []
+    for take in (paper.take_rows, plain):
+        monkeypatch.setattr(paper, "take_rows", take)
+        torch.manual_seed(0)
+        model = ctseg.models.create("unetformer-paper", num_classes=6, pretrained=False)
+        x = torch.randn(2, 3, 64, 64)
+        y = torch.randint(0, 6, (2, 4, 4)).repeat_interleave(16, 1).repeat_interleave(16, 2)
+        logits, feats = model(x, return_features=True)
+        ct = PatchContrastiveLoss(
+            [f.shape[1] for f in feats], 6, 255, clip=None, num_positives=16, num_negatives=16
+        )
+        torch.manual_seed(1)
+        ct_loss, stats = ct(feats, y)
+        assert stats["active"] == 1.0
+        (F.cross_entropy(logits, y) + 10 * ct_loss).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
