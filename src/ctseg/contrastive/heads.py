@@ -190,8 +190,12 @@ class _LateRowsGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, rows_grad):  # type: ignore[override]
         image, patch = ctx.saved_tensors
+        first = not ctx.pending  # the first gather from this map to reach this backward pass
         ctx.pending.append((image, patch, rows_grad))
-        return rows_grad.new_zeros(()).expand(ctx.shape), None, None, None
+        # One gradient, however small, makes autograd complete the map's gradient and call the hook;
+        # the first gather sends it. Several expanded zeros would be summed into a real zero map.
+        zero = rows_grad.new_zeros(()).expand(ctx.shape) if first else None
+        return zero, None, None, None
 
 
 def gather_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
