@@ -237,6 +237,12 @@ class _Recording:
             if static is not None and x.data_ptr() != static.data_ptr():
                 static.copy_(x)
 
+    def run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Replay the forward graph on ``inputs``: its static outputs, detached."""
+        self.load(inputs, self.inputs)
+        self.forward.replay()
+        return tuple(o.detach() for o in self.outputs)
+
 
 class _Replay(torch.autograd.Function):
     """Autograd node of a recorded function: the forward replays its forward graph, the backward its
@@ -244,10 +250,8 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rec: _Recording, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        rec.load(inputs, rec.inputs)
-        rec.forward.replay()
+        outputs = rec.run(inputs)
         ctx.rec = rec
-        outputs = tuple(o.detach() for o in rec.outputs)
         ctx.mark_non_differentiable(*(o for o, g in zip(outputs, rec.grad_outputs, strict=True) if g is None))
         return outputs
 
@@ -315,9 +319,7 @@ def graphed(
     def replay(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if rec.backward is not None and torch.is_grad_enabled():
             return _Replay.apply(rec, *inputs)
-        rec.load(inputs, rec.inputs)
-        rec.forward.replay()
-        return tuple(o.detach() for o in rec.outputs)
+        return rec.run(inputs)
 
     return replay
 
