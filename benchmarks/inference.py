@@ -291,7 +291,8 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     the longest fsync in it, which run in parallel, one write lane per file;
     ``head_open_s`` / ``head_read_s``: from the call until the scene is open / until the last part
     of the first strip is read (what remains of ``head_s`` after that is its upload, normalisation and
-    the batch copy); ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
+    the batch copy); ``head_load_spans_s``: start and end of each part's load (read, padding, pinned
+    buffer), from the call: a late start is set-up before the read, a long span the read itself; ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """
     main = threading.get_ident()
@@ -358,13 +359,16 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         cpredict.open_scene, csliding._load_strip = open_fn, load_fn
     f = spans["forward"]
     # The first strip is loaded in two row halves, the first two loads; the read-ahead follows.
-    head_loads = [b for _, b in sorted(spans["load"])[:2]]
+    head_spans = sorted(spans["load"])[:2]
+    head_loads = [b for _, b in head_spans]
     last_write = max(a for a, _ in spans["lane_write"])
     return {
         "head_s": round(f[0][0] - t0, 3),
         # Within the head: until the scene is open, and until the first strip's last part is read.
         "head_open_s": round(spans["open"][0][1] - t0, 3),
         "head_read_s": round(max(head_loads) - t0, 3),
+        # Each part of the first strip: (submitted to the reader thread's load start, end), from the call.
+        "head_load_spans_s": [[round(a - t0, 4), round(b - t0, 4)] for a, b in head_spans],
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
@@ -487,6 +491,8 @@ def main() -> int:
         return 0
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="ctseg-infer-bench-", dir=args.workdir)
     results = []
     with tmp:
@@ -561,15 +567,16 @@ def main() -> int:
         print(
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
             "| of which after the last block | after its write began | longest close | longest fsync "
-            "| head: scene open at | head: first strip read at |"
+            "| head: scene open at | head: first strip read at | head: loads (start-end) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
                 f"| {r['wait_write_s']} | {r['tail_s']} | {r['tail_after_last_block_s']} "
                 f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} "
-                f"| {r['head_open_s']} | {r['head_read_s']} |"
+                f"| {r['head_open_s']} | {r['head_read_s']} "
+                f"| {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} |"
             )
     if args.json:
         from ctseg.utils.io import atomic_write_json
