@@ -292,7 +292,9 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     ``head_open_s`` / ``head_read_s``: from the call until the scene is open / until the last part
     of the first strip is read (what remains of ``head_s`` after that is its upload, normalisation and
     the batch copy); ``head_load_spans_s``: start and end of each part's load (read, padding, pinned
-    buffer), from the call: a late start is set-up before the read, a long span the read itself; ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
+    buffer), from the call: a late start is set-up before the read, a long span the read itself;
+    ``head_writers_open_span_s``: the same for the creation of the output files, which runs in a
+    background thread during the head; ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """
     main = threading.get_ident()
@@ -325,6 +327,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     start_copy, forward = cpredict._start_copy, net.forward
     write_fn, close_fn, fsync_fn = cpredict._write, cpredict._close, os.fsync
     open_fn, load_fn = cpredict.open_scene, csliding._load_strip
+    writers_open_fn = cpredict._WriterSpec.open
 
     def spanned(kind: str, fn: Any) -> Any:
         """``fn``, recording the span of every call under ``spans[kind]``."""
@@ -347,6 +350,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     cpredict._write, cpredict._close = spanned("lane_write", write_fn), spanned("close", close_fn)
     os.fsync = spanned("fsync", fsync_fn)
     cpredict.open_scene, csliding._load_strip = spanned("open", open_fn), spanned("load", load_fn)
+    cpredict._WriterSpec.open = spanned("writers_open", writers_open_fn)  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
         run()
@@ -357,6 +361,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         cpredict._start_copy = start_copy
         cpredict._write, cpredict._close, os.fsync = write_fn, close_fn, fsync_fn
         cpredict.open_scene, csliding._load_strip = open_fn, load_fn
+        cpredict._WriterSpec.open = writers_open_fn  # type: ignore[method-assign]
     f = spans["forward"]
     # The first strip is loaded in two row halves, the first two loads; the read-ahead follows.
     head_spans = sorted(spans["load"])[:2]
@@ -369,6 +374,8 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         "head_read_s": round(max(head_loads) - t0, 3),
         # Each part of the first strip: (submitted to the reader thread's load start, end), from the call.
         "head_load_spans_s": [[round(a - t0, 4), round(b - t0, 4)] for a, b in head_spans],
+        # The output files are created in a background thread meanwhile (start, end).
+        "head_writers_open_span_s": [round(x - t0, 4) for x in spans["writers_open"][0]],
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
@@ -567,16 +574,17 @@ def main() -> int:
         print(
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
             "| of which after the last block | after its write began | longest close | longest fsync "
-            "| head: scene open at | head: first strip read at | head: loads (start-end) |"
+            "| head: scene open at | head: first strip read at | head: loads (start-end) | head: outputs created (start-end) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
                 f"| {r['wait_write_s']} | {r['tail_s']} | {r['tail_after_last_block_s']} "
                 f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} "
                 f"| {r['head_open_s']} | {r['head_read_s']} "
-                f"| {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} |"
+                f"| {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} "
+                f"| {'-'.join(f'{x:.3f}' for x in r['head_writers_open_span_s'])} |"
             )
     if args.json:
         from ctseg.utils.io import atomic_write_json
