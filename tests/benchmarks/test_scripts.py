@@ -1,0 +1,102 @@
+"""The benchmark scripts run end to end on tiny inputs and report what docs/benchmarks.md reads.
+
+They are what a lent GPU machine runs (``benchmarks/gpu_check.sh``), where a crash costs minutes of
+scarce device time; here they run on the CPU with sizes that take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctseg.inference.sliding import SlidingWindow
+from tests.conftest import REPO_ROOT, shared_data_path
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Path):
+    pytest.importorskip("rasterio", reason="the inference benchmark writes GeoTIFFs (the geo extra)")
+    out = tmp_path / "inference.json"
+    proc = run_script(
+        "inference.py",
+        "--sizes", "300",
+        "--window", "128",
+        "--overlap", "32",
+        "--batch-size", "2",
+        "--simulate-forward-ms", "1",
+        "--repeat", "1",
+        "--device", "cpu",
+        "--threads", "1",
+        "--workdir", str(tmp_path / "not" / "yet" / "there"),  # created by the script
+        "--json", str(out),
+    )  # fmt: skip
+    assert "| 300x300 |" in proc.stdout
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["size"] == "300x300"
+    assert r["windows"] == SlidingWindow(window=128, overlap=32, batch_size=2).num_windows(300, 300)
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("raw_s", "full_s", "compute_s"))
+    # The JSON's times are rounded to 1 ms (±0.5 ms each over a few ms here); the overhead is not.
+    assert math.isclose(1 + r["overhead"], r["full_s"] / r["raw_s"], rel_tol=0.5e-3 / r["raw_s"] * 2.2)
+    # The head's parts: two loads of the first strip, in order, ending when the head says it is read;
+    # the output files are created meanwhile, after the call started.
+    loads = r["head_load_spans_s"]
+    assert len(loads) == 2
+    (a0, b0), (a1, b1) = loads
+    assert 0 <= a0 <= b0 <= a1 <= b1
+    assert math.isclose(b1, r["head_read_s"], abs_tol=1.5e-3)
+    assert r["head_open_s"] <= a0 and b1 <= r["head_s"] + 1e-3
+    w0, w1 = r["head_writers_open_span_s"]
+    assert 0 <= w0 <= w1 <= r["timeline_full_s"]
+
+
+def test_ct_loss_benchmark_counts_the_dispatched_operators(tmp_path: Path):
+    shared_data_path("dubai")  # the benchmark's label crops; skips when absent
+    out = tmp_path / "ct.json"
+    run_script(
+        "ct_loss.py", "--part", "launches", "--batch", "1", "--size", "64", "--threads", "1", "--json", str(out)
+    )  # fmt: skip
+    counts = json.loads(out.read_text())["launches_B1"]
+    assert set(counts) == {"paper-cl", "paper-infonce", "reference-cl", "reference-infonce"}
+    for name, c in counts.items():
+        assert 0 < c["compute_ops"] <= c["ops"], name
+    # InfoNCE's terms are fewer operators than CL's (no smoothed cross-entropy of two pair sets).
+    assert counts["paper-infonce"]["compute_ops"] < counts["paper-cl"]["compute_ops"]
+
+
+@pytest.mark.slow
+def test_ct_loss_benchmark_step_part_measures_time_and_memory(tmp_path: Path):
+    shared_data_path("dubai")  # the benchmark's label crops; skips when absent
+    out = tmp_path / "ct.json"
+    run_script(
+        "ct_loss.py", "--part", "step", "--step-batch", "1", "--size", "64", "--repeats", "1", "--warmup", "0",
+        "--memory-steps", "1", "--threads", "1", "--json", str(out),
+    )  # fmt: skip
+    step = json.loads(out.read_text())["step_B1"]
+    assert {"baseline", "paper-cl", "paper-infonce", "reference-cl", "reference-infonce"} <= set(step)
+    base = step["baseline"]
+    for name, r in step.items():
+        assert r["time_s"] > 0 and r["peak_gib"] > 0, name
+        assert math.isclose(r["memory_vs_baseline"], r["peak_gib"] / base["peak_gib"] - 1, abs_tol=1e-9), name
+    # CT's heads and saved rows add memory; the baseline step has none of them.
+    assert step["paper-cl"]["peak_gib"] > base["peak_gib"]
