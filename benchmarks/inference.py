@@ -6,6 +6,7 @@ Usage (figures in docs/benchmarks.md, section "Inference"):
     .venv/bin/python benchmarks/inference.py --sizes 1024,2048 --device cpu    # what fits a 2-core CPU
     .venv/bin/python benchmarks/inference.py --device cuda --batch-size 16 --json runs/infer_bench.json
     .venv/bin/python benchmarks/inference.py --compress deflate --read-threads 1   # a compressed scene, one decoding thread
+    python3 benchmarks/inference.py --device cuda --batch-size 16 --sizes 6000 --compare-upload-stream  # A/B in one run
 
 For every scene size a random-texture RGB uint8 GeoTIFF (UTM CRS, 0.5 m, 256² tiles, uncompressed unless
 ``--compress``) is generated strip by strip in ``--workdir``; then a fresh subprocess per size (so that its peak RSS is its own) builds the model
@@ -229,12 +230,25 @@ def worker(args: argparse.Namespace) -> dict:
     cold_full = full_run()
     peak = _status_kb("VmHWM")
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    import ctseg.inference.sliding as csliding
+
+    def full_run_without_upload_stream() -> float:
+        csliding.UPLOAD_STREAM = False
+        try:
+            return full_run()
+        finally:
+            csliding.UPLOAD_STREAM = True
+
+    compare = args.compare_upload_stream
     fulls = [full_run()]
+    fulls_compute_stream = [full_run_without_upload_stream()] if compare else []
     raws = [raw_before, raw()]
     reader_mem = in_memory_scene(args.scene)
     computes = [compute_run(net, reader_mem, settings, device)]
     for _ in range(args.repeat - 1):
         fulls.append(full_run())
+        if compare:
+            fulls_compute_stream.append(full_run_without_upload_stream())
         raws.append(raw())
         computes.append(compute_run(net, reader_mem, settings, device))
     del reader_mem
@@ -258,11 +272,27 @@ def worker(args: argparse.Namespace) -> dict:
         "read_s": round(read, 3),
         "write_s": round(write, 3),
         "full_over_compute": round(full / compute - 1, 4),
+        **(
+            {
+                # The same full runs with the strips uploaded on the compute stream (UPLOAD_STREAM off).
+                "full_compute_stream_upload_s": round(statistics.median(fulls_compute_stream), 3),
+                "overhead_compute_stream_upload": round(
+                    statistics.median(fulls_compute_stream) / raw_t - 1, 4
+                ),
+            }
+            if compare
+            else {}
+        ),
         "cold_full_s": round(cold_full, 3),
         "runs": {
             "raw_s": [round(v, 3) for v in raws],
             "full_s": [round(v, 3) for v in fulls],
             "compute_s": [round(v, 3) for v in computes],
+            **(
+                {"full_compute_stream_upload_s": [round(v, 3) for v in fulls_compute_stream]}
+                if compare
+                else {}
+            ),
         },
         "rss_before_mb": round(rss_before / 1024, 1),
         "peak_rss_mb": round(peak / 1024, 1),
@@ -487,6 +517,12 @@ def main() -> int:
         default=None,
         help="GDAL decoding threads of the scene reader (default: ctseg's, ALL_CPUS); 1 for one thread",
     )
+    p.add_argument(
+        "--compare-upload-stream",
+        action="store_true",
+        help="also time full runs with the strips uploaded on the compute stream "
+        "(ctseg.inference.sliding.UPLOAD_STREAM off), alternating with the default ones",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scene", type=Path, help=argparse.SUPPRESS)
@@ -519,6 +555,7 @@ def main() -> int:
                 if v is not None:
                     cmd += [f"--{k.replace('_', '-')}", str(v)]
             cmd += ["--probs"] if args.probs else []
+            cmd += ["--compare-upload-stream"] if args.compare_upload_stream else []
             env = dict(
                 os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
             )
@@ -568,6 +605,20 @@ def main() -> int:
             f"| {r['size']} | {r['raw_s']} | {r['compute_s']} | {r['read_s']} | {r['write_s']} | {r['full_s']} "
             f"| {100 * r['full_over_compute']:.1f}% |"
         )
+    if any("full_compute_stream_upload_s" in r for r in results):
+        print(
+            "\nStrip uploads on a side stream (default) against on the compute stream, full runs alternating:"
+        )
+        print(
+            "| scene | raw forward | full, side stream | overhead | full, compute stream | overhead | runs side / compute |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for r in results:
+            print(
+                f"| {r['size']} | {r['raw_s']} | {r['full_s']} | {100 * r['overhead']:.1f}% "
+                f"| {r['full_compute_stream_upload_s']} | {100 * r['overhead_compute_stream_upload']:.1f}% "
+                f"| {r['runs']['full_s']} / {r['runs']['full_compute_stream_upload_s']} |"
+            )
     if any("head_s" in r for r in results):
         what = "(simulated) forward" if sim is not None else "forward (CUDA: its launch; kernels run async)"
         print(f"\nWhere the prediction thread waits instead of running the {what}, seconds:")

@@ -49,6 +49,7 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
         "--device", "cpu",
         "--threads", "1",
         "--workdir", str(tmp_path / "not" / "yet" / "there"),  # created by the script
+        "--compare-upload-stream",  # no side stream on the CPU: the same code path twice
         "--json", str(out),
     )  # fmt: skip
     assert "| 300x300 |" in proc.stdout
@@ -66,6 +67,8 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
     assert 0 <= a0 <= b0 <= a1 <= b1
     assert math.isclose(b1, r["head_read_s"], abs_tol=1.5e-3)
     assert r["head_open_s"] <= a0 and b1 <= r["head_s"] + 1e-3
+    assert len(r["runs"]["full_compute_stream_upload_s"]) == len(r["runs"]["full_s"]) == 1
+    assert r["full_compute_stream_upload_s"] > 0
     w0, w1 = r["head_writers_open_span_s"]
     assert 0 <= w0 <= w1 <= r["timeline_full_s"]
 

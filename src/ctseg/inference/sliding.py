@@ -43,6 +43,13 @@ PREFETCH_STRIPS = 2
 # Weights below this are clamped: the normalisation divides by the summed weight, which must never be 0.
 MIN_WEIGHT = 1e-3
 
+# On CUDA, upload the raw strips on a side stream (the copy engine) instead of the compute stream: the
+# host queues a strip's upload while the device still computes the strip before it, and on the compute
+# stream the copy would wait for that work and then hold the next forward back for its duration
+# (≈ 0.2-0.5 ms for a 6000-wide strip, 16 strips per 6000² scene). A switch so that the benchmark can
+# compare both in one run (benchmarks/inference.py --compare-upload-stream).
+UPLOAD_STREAM = True
+
 # ---------------------------------------------------------------------------------------------------
 # Blending windows (1-D profiles; the 2-D weight is their outer product)
 # ---------------------------------------------------------------------------------------------------
@@ -224,6 +231,30 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class _Uploader:
+    """Raw strips from (pinned) host memory to ``device``, without waiting on the host.
+
+    With ``side_stream`` (CUDA only) the copies run on a stream of their own, and the compute stream
+    waits for each copy only where it reads the result; without, they are queued on the current stream.
+    """
+
+    def __init__(self, device: torch.device, side_stream: bool) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
+
+    def __call__(self, band: torch.Tensor) -> torch.Tensor:
+        if self.stream is None:
+            return band.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            uploaded = band.to(self.device, non_blocking=True)
+        compute.wait_stream(self.stream)
+        # The block was allocated on the side stream: it must not be reused before the compute stream
+        # has read it. (The pinned source is kept until the copy is done by torch's host allocator.)
+        uploaded.record_stream(compute)
+        return uploaded
+
+
 def _normalizer(
     normalization: dict[str, Sequence[float]] | None, input_max: float, device: torch.device
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -304,6 +335,7 @@ def iter_blended_rows(
     # Pinned host memory makes the host-to-device copy asynchronous; from pageable memory CUDA first
     # waits for the stream to drain, which would stall the device once per strip.
     pin = device.type == "cuda"
+    upload = _Uploader(device, UPLOAD_STREAM)
     acc: torch.Tensor | None = None  # (K, win, Wp): weighted logits, rows relative to the window-row start
     # The normalised strip and the window batch are rewritten in place, strip after strip and batch after
     # batch (the model has consumed a batch before the next one is stacked: in program order on the CPU,
@@ -327,7 +359,7 @@ def iter_blended_rows(
                 parts = [pool.submit(_load_strip, reader, gy, gx, y, pin, a, b) for a, b in halves]
                 for (a, b), part in zip(halves, parts, strict=True):
                     band = part.result()  # (3, b - a, Wp) raw pixels, reflect-padded
-                    norm(band.to(device, non_blocking=True)[None], out=strip[None, :, a:b])
+                    norm(upload(band)[None], out=strip[None, :, a:b])
                     del band
                 # The read-ahead starts only now: until the first forward is queued the host's cores
                 # are better spent on the first strip than on strips that are not needed yet.
@@ -341,7 +373,7 @@ def iter_blended_rows(
                     pending.append(
                         pool.submit(_load_strip, reader, gy, gx, gy.starts[r + PREFETCH_STRIPS], pin)
                     )
-                norm(band.to(device, non_blocking=True)[None], out=strip[None])  # (3, win, Wp) float32
+                norm(upload(band)[None], out=strip[None])  # (3, win, Wp) float32
                 del band  # the pinned block returns to torch's host cache once the copy is done
             # All windows of the strip as one strided view (n, 3, win, win): window i starts at column
             # i * stride, exactly gx.starts. Copying a batch of them is one kernel; stacking the slices
