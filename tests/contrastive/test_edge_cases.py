@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctseg.contrastive import NonFiniteFeaturesError, PatchContrastiveLoss
+from ctseg.contrastive import NonFiniteFeaturesError, PatchContrastiveLoss, check_ct_options
 from ctseg.errors import ConfigError, DataError
 from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
 
@@ -124,6 +124,36 @@ def test_bad_config_raises(kw, match):
     kw = {"ignore_index": 6, **kw}
     with pytest.raises(ConfigError, match=match):
         PatchContrastiveLoss(CHANNELS, 6, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"loss": "triplet"}, "loss='triplet'"),
+        ({"mode": "head"}, "mode='head'"),
+        ({"sampling": "hardest"}, "sampling='hardest'"),
+        ({"clip_mode": "soft"}, "clip_mode='soft'"),
+        ({"clip": 0.0}, "clip"),
+        ({"group_size": 0}, "group_size"),
+        ({"cuda_graph": True, "mode": "reference"}, "set cuda_graph to false"),
+        ({"compile": True, "gather_negatives": True}, "set compile to false"),
+        ({"compile": "reduce-overhead"}, "not supported"),
+    ],
+)
+def test_model_free_options_are_checked_before_a_model_exists(kw, match):
+    # What a training run checks at its start (check_ct_options) fails exactly as the loss itself does.
+    with pytest.raises(ConfigError, match=match):
+        check_ct_options(kw)
+    with pytest.raises(ConfigError, match=match):
+        PatchContrastiveLoss(CHANNELS, 6, 6, **kw)
+
+
+def test_check_ct_options_names_unknown_options_and_accepts_the_paper_configs():
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['tau'\].*'temperature'"):
+        check_ct_options({"loss": "infonce", "tau": 0.1})
+    check_ct_options({})
+    check_ct_options({"loss": "cl", "mode": "paper", "clip": 1.0, "cuda_graph": True, "compile": True})
+    check_ct_options({"mode": "reference", "clip": None, "ignore_index": 6, "group_size": 16})
 
 
 def test_stage_subset_heads():

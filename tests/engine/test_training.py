@@ -20,9 +20,9 @@ from ctseg.engine.callbacks import ExactSampling
 from ctseg.engine.checkpoint import load_inference_model
 from ctseg.engine.cli import run_cli
 from ctseg.engine.module import SegmentationModule
-from ctseg.errors import CheckpointError
+from ctseg.errors import CheckpointError, ConfigError
 from tests.contrastive.helpers import RecordingStandIn
-from tests.fit import FAST, TINY, fit_args
+from tests.fit import FAST, REPO, TINY, fit_args
 
 CT_CL = {"loss": "cl", "mode": "paper", "clip": 1.0, "smoothing": 0.1}
 
@@ -223,6 +223,23 @@ def test_cli_fit_accepts_cuda_graph_and_runs_the_eager_loss_on_cpu(synth, tmp_pa
     record = json.loads((run / "metrics.json").read_text())["history"][0]
     assert record["ct"]["active"] == 1.0 and torch.isfinite(torch.tensor(record["train_loss"]))
     assert "cuda_graph: true" in (run / "config.yaml").read_text()
+
+
+def test_paper_ct_configs_record_on_cuda_and_say_what_to_switch_off(synth, tmp_path):
+    """The paper's CT configs turn ``cuda_graph`` on; a run that changes the mode to ``reference`` (which
+    cannot be recorded) fails before training with an error that names the option to switch off, and
+    runs once it is switched off."""
+    import yaml
+
+    for name in ("ct-cl.yaml", "ct-infonce.yaml"):
+        ct = yaml.safe_load((REPO / "configs/potsdam-paper" / name).read_text())["model"]["ct"]
+        assert ct["cuda_graph"] is True and ct["mode"] == "paper", name
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="set cuda_graph to false for mode='reference'"):
+        run_cli("fit", fit_args(synth, run, "--model.ct.mode", "reference"))
+    assert not run.exists()  # checked before the run folder is made
+    run_cli("fit", fit_args(synth, run, "--model.ct.mode", "reference", "--model.ct.cuda_graph", "false"))
+    assert "mode: reference" in (run / "config.yaml").read_text()
 
 
 def test_ctseg_fit_backpropagates_every_recorded_ct_call_before_the_next(synth, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ Usage (see docs/contrastive.md)::
 
 from ctseg.contrastive.clip import CLIP_MODES
 from ctseg.contrastive.heads import ProjectionHead, build_heads
-from ctseg.contrastive.loss import MODES, NonFiniteFeaturesError, PatchContrastiveLoss
+from ctseg.contrastive.loss import MODES, NonFiniteFeaturesError, PatchContrastiveLoss, check_ct_options
 from ctseg.contrastive.losses import CL_MAX, CL_MIN, cl_pair_loss, info_nce
 from ctseg.contrastive.patches import StageGrid, infer_patch_size, patch_class_counts, stage_grids
 from ctseg.contrastive.sampling import SAMPLERS
@@ -31,6 +31,7 @@ __all__ = [
     "ProjectionHead",
     "StageGrid",
     "build_heads",
+    "check_ct_options",
     "cl_pair_loss",
     "infer_patch_size",
     "info_nce",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,12 +76,18 @@ def _compile_mode(compile: bool | str | None, mode: str, gather_negatives: bool)
 
 def _require_paper_mode(option: str, mode: str, gather_negatives: bool, collectives: str) -> None:
     """``compile`` and ``cuda_graph`` need a loss with fixed shapes and no host reads or collectives."""
+    # The paper configs turn cuda_graph on, so these errors also reach users who only changed the mode
+    # or turned on gather_negatives: they say what to switch off.
     if mode != "paper":
         raise ConfigError(
-            f"CT loss: {option} needs mode='paper' (the reference mode reads sizes on the host)"
+            f"CT loss: {option} needs mode='paper' (the reference mode reads sizes on the host); "
+            f"set {option} to false for mode={mode!r}"
         )
     if gather_negatives:
-        raise ConfigError(f"CT loss: {option} does not support gather_negatives ({collectives})")
+        raise ConfigError(
+            f"CT loss: {option} does not support gather_negatives ({collectives}); "
+            f"set {option} to false to gather negatives"
+        )
 
 
 def _recordable(mask: torch.Tensor) -> bool:
@@ -94,6 +101,56 @@ def _check_cuda_graph(cuda_graph: bool, mode: str, gather_negatives: bool) -> bo
     if cuda_graph:
         _require_paper_mode("cuda_graph", mode, gather_negatives, "collectives in a graph")
     return cuda_graph
+
+
+def _check_model_free_options(
+    *,
+    loss: str,
+    mode: str,
+    sampling: str,
+    clip_mode: str,
+    clip: float | None,
+    group_size: int | None,
+    gather_negatives: bool,
+    compile: bool | str | None,
+    cuda_graph: bool,
+) -> tuple[str | None, bool]:
+    """The checks of :class:`PatchContrastiveLoss`'s options that need neither the model nor the classes;
+    returns the compile mode and ``cuda_graph``."""
+    for name, value, options in (
+        ("loss", loss, PAPER_TERMS),
+        ("mode", mode, MODES),
+        ("sampling", sampling, SAMPLERS),
+        ("clip_mode", clip_mode, CLIP_MODES),
+    ):
+        if value not in options:
+            raise ConfigError(f"CT loss: {name}={value!r} is not one of {sorted(options)}")
+    if clip is not None and clip <= 0:
+        raise ConfigError(f"CT loss: clip must be > 0 or None, got {clip}")
+    if group_size is not None and group_size < 1:
+        raise ConfigError(f"CT loss: group_size must be ≥ 1 or None, got {group_size}")
+    return _compile_mode(compile, mode, gather_negatives), _check_cuda_graph(
+        cuda_graph, mode, gather_negatives
+    )
+
+
+def check_ct_options(options: Mapping[str, Any]) -> None:
+    """Check the keyword options of :class:`PatchContrastiveLoss` (without ``in_channels`` and
+    ``num_classes``) as far as they do not depend on the model: names, choices and combinations.
+
+    For configs: a training run calls it before anything is built or written, so that a wrong CT
+    option fails at the start, not once the run folder exists. Raises :class:`~ctseg.errors.ConfigError`.
+    """
+    params = inspect.signature(PatchContrastiveLoss.__init__).parameters
+    known = set(params) - {"self", "in_channels", "num_classes"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"CT loss: unknown option(s) {unknown}; known: {sorted(known)}")
+    defaults = {name: params[name].default for name in known}
+    kw = {**defaults, **options}
+    _check_model_free_options(
+        **{name: kw[name] for name in inspect.signature(_check_model_free_options).parameters}
+    )
 
 
 class PatchContrastiveLoss(nn.Module):
@@ -215,20 +272,19 @@ class PatchContrastiveLoss(nn.Module):
         cuda_graph: bool = False,
     ) -> None:
         super().__init__()
-        for name, value, options in (
-            ("loss", loss, PAPER_TERMS),
-            ("mode", mode, MODES),
-            ("sampling", sampling, SAMPLERS),
-            ("clip_mode", clip_mode, CLIP_MODES),
-        ):
-            if value not in options:
-                raise ConfigError(f"CT loss: {name}={value!r} is not one of {sorted(options)}")
+        compile_mode, cuda_graph = _check_model_free_options(
+            loss=loss,
+            mode=mode,
+            sampling=sampling,
+            clip_mode=clip_mode,
+            clip=clip,
+            group_size=group_size,
+            gather_negatives=gather_negatives,
+            compile=compile,
+            cuda_graph=cuda_graph,
+        )
         if not in_channels:
             raise ConfigError("CT loss: in_channels is empty")
-        if clip is not None and clip <= 0:
-            raise ConfigError(f"CT loss: clip must be > 0 or None, got {clip}")
-        if group_size is not None and group_size < 1:
-            raise ConfigError(f"CT loss: group_size must be ≥ 1 or None, got {group_size}")
         self.cfg = CTConfig(
             num_classes=num_classes,
             ignore_index=ignore_index,
@@ -261,9 +317,9 @@ class PatchContrastiveLoss(nn.Module):
         self.process_group = process_group
         self.compute_stats = compute_stats
         self.check_inputs = check_inputs
-        self.compile = _compile_mode(compile, mode, gather_negatives)
+        self.compile = compile_mode
         self._compiled_compute: Callable[..., Any] | None = None
-        self.cuda_graph = _check_cuda_graph(cuda_graph, mode, gather_negatives)
+        self.cuda_graph = cuda_graph
         self._graphs = GraphCache()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ctseg.contrastive.loss import NonFiniteFeaturesError
+from ctseg.contrastive.loss import NonFiniteFeaturesError, check_ct_options
 from ctseg.contrastive.stats import CTStats
 from ctseg.data.protocols import Protocol, get_protocol
 from ctseg.engine.checkpoint import CTSEG_KEY, make_ctseg_block, read_ctseg_block
@@ -114,6 +114,9 @@ class SegmentationModule(pl.LightningModule):
         self._ct_device_names: tuple[str, ...] = ()
         self._epoch_t0 = time.perf_counter()
         self._val_epoch: int | None = None
+        if self.ct_config is not None:
+            # Now, not when the model is built inside fit (after the run folder and its config exist).
+            check_ct_options(self._model_ct_config())
         if protocol is not None:
             self._build(get_protocol(protocol))
 
