@@ -68,3 +68,40 @@ def test_compiled_equals_eager():
 def test_compile_options_are_checked(kw, match):
     with pytest.raises(ConfigError, match=match):
         PatchContrastiveLoss(CHANNELS, 6, 6, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"loss": "cl"},
+        {"loss": "infonce"},
+        {"loss": "cl", "sampling": "confidence"},
+        {"loss": "infonce", "group_size": 1},
+        {"loss": "cl", "compute_stats": False, "clip": None},
+    ],
+)
+def test_compiled_loss_and_its_recorded_parts_trace_without_graph_breaks(kw):
+    """``compile`` exists to fuse the loss's few hundred small operations. A graph break splits the
+    compiled code into pieces with eager code between them, and one inside a loop makes Dynamo skip the
+    whole frame (stage-batch sampling ran eagerly that way until a division ``out=`` a view was
+    replaced under compile). Traced with ``torch._dynamo.explain`` (no inductor: fast): the whole
+    loss as ``compile=True`` compiles it, and the sampling and tail that ``compile`` with
+    ``cuda_graph`` compiles before recording."""
+    from ctseg.contrastive.graphs import split_loss
+    from ctseg.contrastive.paper import gather_sampled_rows
+
+    torch._dynamo.reset()
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6, check_inputs=False, **kw)
+    feats, mask, probs = _inputs(0)
+    probs = probs if kw.get("sampling") == "confidence" else None
+    whole = torch._dynamo.explain(fn._compute)(list(feats), mask, probs, False)
+    assert whole.graph_break_count == 0, whole.break_reasons
+
+    parts = split_loss(fn, fn._grids(feats, mask))
+    sample_args = (mask, *([probs] if parts.with_probs else []))
+    sampled = torch._dynamo.explain(parts.sample)(*sample_args)
+    assert sampled.graph_break_count == 0, sampled.break_reasons
+    sample_out = parts.sample(*sample_args)
+    rows = [r.detach().requires_grad_() for r in gather_sampled_rows(feats, parts.samples(sample_out))]
+    tail = torch._dynamo.explain(parts.tail)(*rows, *parts.params, *sample_out)
+    assert tail.graph_break_count == 0, tail.break_reasons

@@ -82,6 +82,8 @@ def spread_rows(
             dst = out[j, s, :, : b1 - b0, :hw]
             if scale is None:
                 dst.copy_(src)
+            elif torch.compiler.is_compiling():  # out= into a view breaks the graph; fused there anyway
+                dst.copy_(src / scale[s])
             else:  # one kernel: the division writes into the layout
                 torch.div(src, scale[s], out=dst)
     return out.reshape(-1, g * n)
