@@ -249,6 +249,27 @@ def test_compiled_cuda_graph_loss_equals_eager_without_sync():
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.timeout(480)  # minutes of compiling, as above
+def test_compiled_cuda_graph_replays_draw_afresh_and_follow_the_seed():
+    """``compile`` and ``cuda_graph`` with random sampling: the compiled sampling draws through
+    inductor's RNG, whose seeds come from the CUDA generator inside the recorded graph. Every replay
+    must still sample anew (a seed frozen at recording would give the same sample at every step), and a
+    seeded run must repeat."""
+    feats, mask, _, _ = _cuda_inputs(seed=13)
+    graphed = PatchContrastiveLoss(CHANNELS, 6, 6, loss="cl", clip=None, compile=True, cuda_graph=True).cuda()
+    graphed(feats, mask)[0].backward()  # compiles and records
+
+    def three_calls() -> list[float]:
+        return [graphed(feats, mask)[0].item() for _ in range(3)]
+
+    torch.manual_seed(4)
+    a = three_calls()
+    torch.manual_seed(4)
+    b = three_calls()
+    assert a == b and len(set(a)) == 3
+    assert len(graphed._graphs.graphs) == 1 and None not in graphed._graphs.graphs.values()
+
+
 def test_cuda_graph_recordings_share_one_side_stream():
     """Every recording warms up and records on the process's one capture stream: the memory it leaves
     behind outside the current stream (cuBLAS's per-stream workspaces, 2 × 32 MiB on an H100, and the
