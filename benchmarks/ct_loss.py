@@ -21,7 +21,9 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
 * ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
   each CT variant. Times are medians of ``--repeats`` steps, configurations interleaved round-robin
-  in one process (so machine noise hits all alike). Peak memory, in a fresh subprocess per
+  in one process (so machine noise hits all alike); also the *paired* ratio, the median over rounds of
+  (config's step / baseline's step of the same round) − 1, with its quartiles, which a drift of the
+  machine between rounds does not move. Peak memory, in a fresh subprocess per
   configuration: on CUDA ``max_memory_allocated`` and ``max_memory_reserved``; on CPU the peak of live tensor bytes from the CPU allocator's events (``cpu_memory.py``), in a fresh
   subprocess per configuration (``--warmup`` then ``--memory-steps`` steps), with that process's peak
   RSS (VmHWM, reset after the warm-up) as a secondary, noisy column.
@@ -400,6 +402,13 @@ def bench_step(
         for c in configs:
             times[c].append(timed(steps[c], device))
     out: dict[str, dict] = {c: {"time_s": statistics.median(t)} for c, t in times.items()}
+    for c, t in times.items():
+        # Paired within each round (the config's step over the baseline's step of the same round): a
+        # drift of the machine between rounds cancels; the quartiles show the spread of the ratio.
+        ratios = sorted(tc / tb - 1.0 for tc, tb in zip(t, times["baseline"], strict=True))
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        out[c]["paired_vs_baseline"] = statistics.median(ratios)
+        out[c]["paired_q1_q3"] = [q[0], q[2]]
     out.update({c: {"error": e} for c, e in errors.items()})
     base_t = out["baseline"]["time_s"]
     print(
@@ -532,7 +541,8 @@ def main() -> None:
                 print(f"  {c:22s} failed: {r['error']}")
                 continue
             print(
-                f"  {c:22s} {r['time_s'] * 1000:9.1f} ms ({r['time_vs_baseline']:+6.1%})   "
+                f"  {c:22s} {r['time_s'] * 1000:9.1f} ms ({r['time_vs_baseline']:+6.1%}; paired "
+                f"{r['paired_vs_baseline']:+6.1%}, q1–q3 {r['paired_q1_q3'][0]:+.1%}…{r['paired_q1_q3'][1]:+.1%})   "
                 f"peak {r['peak_gib']:6.3f} GiB ({r['memory_vs_baseline']:+6.1%})"
                 + (
                     f"   peak RSS (noisy) {r['rss_gib']:6.2f} GiB ({r['rss_vs_baseline']:+6.1%})"

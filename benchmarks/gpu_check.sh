@@ -73,17 +73,17 @@ for t in $COMPILED_TESTS; do DESELECT_COMPILED="$DESELECT_COMPILED --deselect $t
 part pytest-gpu 240 "$PY" -m pytest -q -p no:cacheprovider --timeout=120 ${PYTEST_ARGS:--m gpu tests $DESELECT_COMPILED}
 # shellcheck disable=SC2086
 part pytest-gpu-compiled 590 "$PY" -m pytest -q -p no:cacheprovider -p no:randomly --timeout=400 -rA $COMPILED_TESTS
-part ct-loss 200 "$PY" benchmarks/ct_loss.py --device cuda --repeats 10 --warmup 3 --memory-steps 1 \
+part ct-loss 200 "$PY" benchmarks/ct_loss.py --device cuda --repeats 20 --warmup 3 --memory-steps 1 \
   --json "$OUT/ct-loss.json"
 # shellcheck disable=SC2086  # word lists on purpose
 part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json" ${CT_GRAPH_PARTS:+--parts $CT_GRAPH_PARTS}
 # Not in the default PARTS (minutes of torch.compile): the recorded loss with compiled parts, side by side.
-part ct-loss-compiled 420 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 10 --warmup 3 \
+part ct-loss-compiled 420 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
   --memory-steps 1 --extra paper-cl+graph paper-cl+compile+graph --json "$OUT/ct-loss-compiled.json"
 # Not in the default PARTS: an experiment, the recorded loss compiled with Triton GEMMs only (no cuBLAS
 # workspaces on the capture stream?); compiles with autotuning in the timing process and again in its
 # memory child.
-part ct-loss-tritongemm 540 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 10 --warmup 3 \
+part ct-loss-tritongemm 540 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
   --memory-steps 1 --extra paper-cl+graph paper-cl+compile-tritongemm+graph --json "$OUT/ct-loss-tritongemm.json"
 part training-bf16 150 "$PY" benchmarks/training.py --device cuda --precision bf16 --size 512 --batch 16 \
   --steps 5 --warmup 2 --ct none cl infonce cl+graph infonce+graph  # its table is in the log (the device tool returns at most 8 files)

@@ -101,5 +101,8 @@ def test_ct_loss_benchmark_step_part_measures_time_and_memory(tmp_path: Path):
     for name, r in step.items():
         assert r["time_s"] > 0 and r["peak_gib"] > 0, name
         assert math.isclose(r["memory_vs_baseline"], r["peak_gib"] / base["peak_gib"] - 1, abs_tol=1e-9), name
+        q1, q3 = r["paired_q1_q3"]  # the per-round ratio to the baseline's step, and its spread
+        assert q1 <= r["paired_vs_baseline"] <= q3, name
+    assert base["paired_vs_baseline"] == 0.0
     # CT's heads and saved rows add memory; the baseline step has none of them.
     assert step["paper-cl"]["peak_gib"] > base["peak_gib"]
