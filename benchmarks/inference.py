@@ -28,7 +28,8 @@ are warm, as the raw forward is after its warm-up passes. (Until 2026-11-26 the 
 the three whose median was reported.)
 
 Reported: throughput in Mpx/s (scene pixels / wall time), ``overhead = full / raw - 1`` (stitching and
-I/O), the peak RSS (``VmHWM``, reset before each part; Linux) of the raw forward and of the full
+I/O; of the medians, and ``overhead_paired``: the median over repeats of each full run over the raw run
+right after it, which a drift of the machine between repeats does not move), the peak RSS (``VmHWM``, reset before each part; Linux) of the raw forward and of the full
 prediction — the difference is what stitching and I/O hold — and on CUDA the peak allocated GPU
 memory of the full run. Peak RSS must not grow with the scene beyond the O(K · window · W) strip.
 ``--model conv-tiny`` (three 3x3 convs, not a paper preset) is a quick smoke run of this script.
@@ -268,6 +269,11 @@ def worker(args: argparse.Namespace) -> dict:
         "raw_mpx_s": round(mpx / raw_t, 3),
         "full_mpx_s": round(mpx / full, 3),
         "overhead": round(full / raw_t - 1, 4),
+        # Each full run over the raw run right after it (raws[0] is the one before the first full run):
+        # drift of the machine between repeats cancels.
+        "overhead_paired": round(
+            statistics.median(f / r - 1 for f, r in zip(fulls, raws[1:], strict=False)), 4
+        ),
         "compute_s": round(compute, 3),
         "read_s": round(read, 3),
         "write_s": round(write, 3),
@@ -595,6 +601,7 @@ def main() -> int:
     for r in results:
         print(
             f"| {r['size']} | {r['windows']} | {r['raw_mpx_s']} | {r['full_mpx_s']} | {100 * r['overhead']:.1f}% "
+            f"({100 * r['overhead_paired']:.1f}% paired) "
             f"| {r.get('peak_rss_raw_mb')} | {r['peak_rss_mb']} | {r['gpu_peak_mb'] or '—'} |"
         )
     print("\nTime split, seconds, medians (each part alone; overlapped: full ≈ max(compute, read, write)):")

@@ -59,6 +59,7 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("raw_s", "full_s", "compute_s"))
     # The JSON's times are rounded to 1 ms (±0.5 ms each over a few ms here); the overhead is not.
     assert math.isclose(1 + r["overhead"], r["full_s"] / r["raw_s"], rel_tol=0.5e-3 / r["raw_s"] * 2.2)
+    assert math.isfinite(r["overhead_paired"]) and r["overhead_paired"] > -1
     # The head's parts: two loads of the first strip, in order, ending when the head says it is read;
     # the output files are created meanwhile, after the call started.
     loads = r["head_load_spans_s"]
