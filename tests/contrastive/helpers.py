@@ -23,6 +23,16 @@ DUBAI_NUM_CLASSES = 5
 DUBAI_IGNORE = 5  # Unlabeled (155,155,155), stray black and any other colour
 
 
+def seeded_calls(loss_fn, features, mask, seed: int, n: int = 3) -> tuple[list[float], list[float]]:
+    """The losses of ``n`` calls on the same inputs after ``torch.manual_seed(seed)``, twice: a loss that
+    draws afresh at every call and follows the seed gives two equal lists of ``n`` distinct values."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        runs.append([loss_fn(features, mask)[0].item() for _ in range(n)])
+    return runs[0], runs[1]
+
+
 def blocky_mask(
     batch: int,
     height: int,

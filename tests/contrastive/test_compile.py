@@ -13,7 +13,7 @@ import torch
 
 from ctseg.contrastive import PatchContrastiveLoss
 from ctseg.errors import ConfigError
-from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
+from tests.contrastive.helpers import CHANNELS, blocky_mask, seeded_calls, stage_features
 
 
 def _inputs(seed: int):
@@ -65,14 +65,7 @@ def test_compiled_random_sampling_draws_afresh_and_follows_the_seed():
     values) and a seeded run repeats."""
     fn = PatchContrastiveLoss(CHANNELS, 6, 6, loss="cl", clip=None, check_inputs=False, compile=True)
     feats, mask, _ = _inputs(3)
-
-    def three_calls() -> list[float]:
-        return [fn(feats, mask)[0].item() for _ in range(3)]
-
-    torch.manual_seed(4)
-    a = three_calls()
-    torch.manual_seed(4)
-    b = three_calls()
+    a, b = seeded_calls(fn, feats, mask, seed=4)
     assert a == b and len(set(a)) == 3
 
 

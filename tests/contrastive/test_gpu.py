@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctseg.contrastive import PatchContrastiveLoss
-from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
+from tests.contrastive.helpers import CHANNELS, blocky_mask, seeded_calls, stage_features
 from tests.contrastive.oracle import oracle_loss
 
 pytestmark = [
@@ -158,14 +158,7 @@ def test_cuda_graph_replays_draw_afresh_and_follow_the_seed():
     feats, mask, _, _ = _cuda_inputs(seed=7)
     _, graphed = _graph_pair(loss="cl", clip=None)
     graphed(feats, mask)[0].backward()  # records
-
-    def two_calls() -> list[float]:
-        return [graphed(feats, mask)[0].item() for _ in range(2)]
-
-    torch.manual_seed(3)
-    a = two_calls()
-    torch.manual_seed(3)
-    b = two_calls()
+    a, b = seeded_calls(graphed, feats, mask, seed=3, n=2)
     assert a == b and a[0] != a[1]  # reproducible from the seed; every replay samples anew
     assert len(graphed._graphs.graphs) == 1
 
@@ -258,14 +251,7 @@ def test_compiled_cuda_graph_replays_draw_afresh_and_follow_the_seed():
     feats, mask, _, _ = _cuda_inputs(seed=13)
     graphed = PatchContrastiveLoss(CHANNELS, 6, 6, loss="cl", clip=None, compile=True, cuda_graph=True).cuda()
     graphed(feats, mask)[0].backward()  # compiles and records
-
-    def three_calls() -> list[float]:
-        return [graphed(feats, mask)[0].item() for _ in range(3)]
-
-    torch.manual_seed(4)
-    a = three_calls()
-    torch.manual_seed(4)
-    b = three_calls()
+    a, b = seeded_calls(graphed, feats, mask, seed=4)
     assert a == b and len(set(a)) == 3
     assert len(graphed._graphs.graphs) == 1 and None not in graphed._graphs.graphs.values()
 
