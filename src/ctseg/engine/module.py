@@ -48,7 +48,7 @@ class SegmentationModule(pl.LightningModule):
         model_kwargs: extra keyword arguments of the preset.
         protocol: protocol name or dict; ``None`` = take the datamodule's at set-up.
         normalization: ``{"mean": [3], "std": [3]}`` recorded in checkpoints; ``None`` = the datamodule's.
-        ct: CT config passed to the model (``{"loss": "cl"|"info_nce", "mode": "paper", "clip": 1.0, ...}``);
+        ct: CT config passed to the model (``{"loss": "cl"|"infonce", "mode": "paper", "clip": 1.0, ...}``);
             ``None`` trains the baseline.
         ct_group_size: CT is sampled, normalised and clipped per group of this many images of a batch
             (16 reproduces the paper's two 16-image replicas in a batch of 32); ``None`` = the whole batch.
