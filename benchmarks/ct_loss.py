@@ -90,8 +90,8 @@ CUDA_STEP_VARIANTS = {
     "paper-cl+compile+graph": {"mode": "paper", "loss": "cl", "compile": "default", "cuda_graph": True},
     # EXPERIMENT, benchmark only (not a loss option): recorded parts compiled with Triton GEMMs only
     # (inductor's max_autotune_gemm_backends="TRITON"), so that no cuBLAS call runs on the capture
-    # stream and its two 32 MiB cuBLAS workspaces (most of what keeps the recorded loss above +3 %
-    # memory, docs/benchmarks.md) are never allocated. To be measured on a GPU: "held after" by stream
+    # stream and its two 32 MiB cuBLAS workspaces (most of what the recorded loss holds beyond the
+    # eager one, docs/benchmarks.md) are never allocated. To be measured on a GPU: "held after" by stream
     # shows whether the side stream still holds workspaces; a GEMM Triton cannot do fails the variant.
     "paper-cl+compile-tritongemm+graph": {
         "mode": "paper",
@@ -405,7 +405,7 @@ def bench_step(
     for c, t in times.items():
         # Paired within each round (the config's step over the baseline's step of the same round): a
         # drift of the machine between rounds cancels; the quartiles show the spread of the ratio.
-        ratios = sorted(tc / tb - 1.0 for tc, tb in zip(t, times["baseline"], strict=True))
+        ratios = [tc / tb - 1.0 for tc, tb in zip(t, times["baseline"], strict=True)]
         q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
         out[c]["paired_vs_baseline"] = statistics.median(ratios)
         out[c]["paired_q1_q3"] = [q[0], q[2]]

@@ -272,7 +272,7 @@ def worker(args: argparse.Namespace) -> dict:
         # Each full run over the raw run right after it (raws[0] is the one before the first full run):
         # drift of the machine between repeats cancels.
         "overhead_paired": round(
-            statistics.median(f / r - 1 for f, r in zip(fulls, raws[1:], strict=False)), 4
+            statistics.median(f / r - 1 for f, r in zip(fulls, raws[1:], strict=True)), 4
         ),
         "compute_s": round(compute, 3),
         "read_s": round(read, 3),
