@@ -258,6 +258,8 @@ def build_model(device: torch.device) -> torch.nn.Module:
 
 def make_step(model, ct, opt, images, masks) -> Callable[[], None]:
     def step() -> None:
+        if ct is not None:
+            ct.prefetch(masks)  # as SegmentationModule.training_step does (a no-op in paper mode)
         logits, feats = model(images, return_features=True)
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
         if ct is not None:

@@ -70,6 +70,27 @@ def test_reference_mode_parity_on_cuda(loss):
 
 
 @pytest.mark.parametrize("loss", ["cl", "infonce"])
+def test_reference_mode_prefetch_on_cuda_same_values_and_deterministic(loss):
+    """A prefetch (counts copied to pinned memory before the forward, waited on by an event) gives the
+    values and gradients of the plain call, bit for bit, and two calls with one seed agree exactly."""
+    feats, mask, _, _ = _cuda_inputs(seed=6)
+    torch.manual_seed(0)
+    fn = PatchContrastiveLoss(CHANNELS, 6, 6, loss=loss, mode="reference", clip=None).cuda()
+    fn(feats, mask)  # learns the grids
+    runs = []
+    for prefetch in (False, True, True):
+        torch.manual_seed(9)
+        if prefetch:
+            fn.prefetch(mask)
+            assert fn._prefetched is not None
+        out, _ = fn(feats, mask)
+        runs.append([out, *torch.autograd.grad(out, feats + list(fn.heads.parameters()), allow_unused=True)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loss", ["cl", "infonce"])
 def test_paper_mode_cuda_deterministic_and_bf16(loss):
     feats, mask, _, _ = _cuda_inputs(seed=1)
     fn = PatchContrastiveLoss(CHANNELS, 6, 6, loss=loss, clip=None).cuda()

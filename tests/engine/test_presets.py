@@ -68,3 +68,35 @@ def test_ct_stats_accumulate_on_the_device_equal_the_fetched_ones():
     assert means[True].keys() == means[False].keys() and means[True]["active"] == 1.0
     for key, value in means[True].items():
         assert means[False][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+def test_reference_mode_training_step_prefetches_the_counts(monkeypatch):
+    """The module starts the reference loss's counts before the model's forward; from the second step
+    (mask size known) the loss uses them, and the step equals one without the prefetch."""
+    from ctseg.contrastive import PatchContrastiveLoss
+
+    losses = {}
+    for prefetch in (True, False):
+        torch.manual_seed(0)
+        module = SegmentationModule(
+            model="dcpoolformer-paper", protocol="potsdam-paper", ct={**CT["cl"], "mode": "reference"}
+        )
+        used = []
+        take = PatchContrastiveLoss._take_prefetched
+
+        def spy(self, mask, grids, take=take, used=used):
+            got = take(self, mask, grids)
+            used.append(got is not None)
+            return got
+
+        monkeypatch.setattr(PatchContrastiveLoss, "_take_prefetched", spy)
+        if not prefetch:
+            monkeypatch.setattr(PatchContrastiveLoss, "prefetch", lambda self, mask: None)
+        steps = []
+        for step in range(2):
+            torch.manual_seed(10 + step)
+            steps.append(module.training_step(_batch(), step).item())
+        losses[prefetch] = steps
+        assert used == [False, prefetch]
+        monkeypatch.undo()
+    assert losses[True] == losses[False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from ctseg.contrastive.graphs import GraphCache
 from ctseg.contrastive.heads import build_heads
 from ctseg.contrastive.paper import gather_sampled_rows, group_bounds, paper_results, sample_rows
 from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means, stage_grids
-from ctseg.contrastive.reference import reference_group
+from ctseg.contrastive.reference import HostCounts, reference_groups
 from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.contrastive.stats import CTStats
 from ctseg.contrastive.terms import PAPER_TERMS
@@ -28,25 +29,35 @@ class NonFiniteFeaturesError(CtsegError, FloatingPointError):
     """The backbone features given to the CT loss contain NaN or Inf (a diverged model or bad input)."""
 
 
-def _run_paper(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) -> GroupResult:
+def _run_paper(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf, prefetched) -> GroupResult:
     samples = sample_rows(loss_fn.cfg, counts, grids, conf, loss_fn.group_size, loss_fn.process_group)
     rows = gather_sampled_rows(feats, samples)
     return paper_results(loss_fn.cfg, loss_fn.heads, rows, samples, loss_fn.process_group)
 
 
-def _run_reference(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf) -> GroupResult:
-    return GroupResult.stack(
-        [
-            reference_group(
-                loss_fn.cfg, loss_fn.heads, [f[b0:b1] for f in feats], [c[b0:b1] for c in counts], grids
-            )
-            for b0, b1 in group_bounds(counts[0].shape[0], loss_fn.group_size)
-        ]
-    )
+def _run_reference(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf, prefetched) -> GroupResult:
+    host = prefetched.host if prefetched is not None else _host_counts(counts, grids)
+    bounds = group_bounds(counts[0].shape[0], loss_fn.group_size)
+    return reference_groups(loss_fn.cfg, loss_fn.heads, feats, host, grids, bounds)
 
 
-# A mode maps the used stage features, the class counts, the grids and the per-patch confidence to the
-# results of all groups (a GroupResult with a leading group dimension).
+def _host_counts(counts: Sequence[torch.Tensor], grids: Sequence[StageGrid]) -> HostCounts:
+    return HostCounts(counts, max(g.patch_pixels for g in grids))
+
+
+@dataclasses.dataclass
+class _Prefetched:
+    """What :meth:`PatchContrastiveLoss.prefetch` computed from a mask before the model's forward."""
+
+    mask: torch.Tensor
+    grids: list[StageGrid]
+    counts: list[torch.Tensor]
+    host: HostCounts
+
+
+# A mode maps the used stage features, the class counts, the grids, the per-patch confidence and what
+# a prefetch computed (or None) to the results of all groups (a GroupResult with a leading group
+# dimension).
 MODES: Registry[Callable[..., GroupResult]] = Registry("CT mode")
 MODES.add("paper", _run_paper)
 MODES.add("reference", _run_reference)
@@ -321,11 +332,16 @@ class PatchContrastiveLoss(nn.Module):
         self._compiled_compute: Callable[..., Any] | None = None
         self.cuda_graph = cuda_graph
         self._graphs = GraphCache()
+        # Grids last seen per mask size (what prefetch needs before the features exist), and the
+        # prefetched counts waiting for their forward.
+        self._grids_by_size: dict[tuple[int, int], list[StageGrid]] = {}
+        self._prefetched: _Prefetched | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_compiled_compute"] = None  # compiled code does not pickle; recompiled on first use
         state["_graphs"] = GraphCache()  # nor do CUDA graphs; recorded again on first use
+        state["_prefetched"] = None  # holds a CUDA event and a batch's mask
         return state
 
     # ------------------------------------------------------------------ input checks
@@ -457,16 +473,59 @@ class PatchContrastiveLoss(nn.Module):
         """
         used = [features[s] for s in self.cfg.stages]
         grids = self._grids(used, mask)
+        # Only the reference mode prefetches (and it is never compiled: no state to trace here).
+        prefetched = self._take_prefetched(mask, grids) if self.cfg.mode == "reference" else None
         with torch.autocast(device_type=mask.device.type, enabled=False):
-            counts = patch_class_counts(mask, self.cfg.num_classes, grids)
+            if prefetched is not None:
+                counts = prefetched.counts
+            else:
+                counts = patch_class_counts(mask, self.cfg.num_classes, grids)
             flags = self._input_flags(features, mask, counts[0]) if check else None
             if flags is not None and self.cfg.mode == "reference":  # it syncs anyway: fail before any work
                 self._raise_on_flags(flags.tolist(), features, mask)
                 flags = None
             conf = self._patch_confidence(probs, grids)
-            results = MODES[self.cfg.mode](self, used, counts, grids, conf)
+            results = MODES[self.cfg.mode](self, used, counts, grids, conf, prefetched)
             loss, packed = self._finish(results)
         return loss, packed, flags
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, mask: torch.Tensor) -> None:
+        """Start, before the model's forward, the part of the loss that needs only ``mask`` ``(B, H, W)``.
+
+        For ``mode="reference"``: the patch class counts and their copy to the host, whose sizes the
+        reference's CPU draws need. Called before the forward is queued, the copy is ready when the
+        loss runs, so on a GPU the loss does not wait for the forward to finish and its draws overlap
+        it. The next ``forward`` with this very ``mask`` tensor uses the result; any other call
+        ignores it. Same values either way. ``ctseg fit`` calls it; in your own loop::
+
+            loss_fn.prefetch(mask)                       # before the forward
+            logits, features = model(images)
+            ct, stats = loss_fn(features, mask)
+
+        Needs the feature sizes, so it takes effect from the second call with a mask of this size.
+        A no-op in paper mode (which never waits for the device) and without gradients.
+        """
+        self._prefetched = None
+        if self.cfg.mode != "reference" or not torch.is_grad_enabled():
+            return
+        grids = self._grids_by_size.get(tuple(mask.shape[1:]))
+        if grids is None or mask.dim() != 3:
+            return
+        with torch.autocast(device_type=mask.device.type, enabled=False):
+            counts = patch_class_counts(mask, self.cfg.num_classes, grids)
+        self._prefetched = _Prefetched(mask, grids, counts, _host_counts(counts, grids))
+
+    def _take_prefetched(self, mask: torch.Tensor, grids: list[StageGrid]) -> _Prefetched | None:
+        """The prefetch of this very mask with these grids (consumed), else None; remembers the grids."""
+        prefetched, self._prefetched = self._prefetched, None
+        size = tuple(mask.shape[1:])
+        if size not in self._grids_by_size and len(self._grids_by_size) >= 8:
+            self._grids_by_size.pop(next(iter(self._grids_by_size)))
+        self._grids_by_size[size] = grids
+        if prefetched is None or prefetched.mask is not mask or prefetched.grids != grids:
+            return None
+        return prefetched
 
     # ------------------------------------------------------------------ stats
     def _finish(self, results: GroupResult) -> tuple[torch.Tensor, torch.Tensor | None]:

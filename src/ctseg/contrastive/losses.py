@@ -13,8 +13,11 @@ import torch.nn.functional as F
 CL_MIN, CL_MAX = 0.3633, 1.2633
 
 
-def cl_pair_loss(cos: torch.Tensor, same: bool, smoothing: float = 0.1) -> torch.Tensor:
+def cl_pair_loss(cos: torch.Tensor, same: bool | torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
     """CL value of every pair, elementwise over ``cos`` (any shape).
+
+    ``same`` is the label: one for all pairs, or a bool tensor of ``cos``'s shape (pairs of several
+    terms evaluated at once).
 
     The reference maps ``s = (cos + 1) / 2`` and feeds ``[1 − s, s]`` to a 2-way soft cross-entropy
     *as logits*; their difference is ``2s − 1 = cos``, so ``log p(same) = logsigmoid(cos)`` and
@@ -22,7 +25,10 @@ def cl_pair_loss(cos: torch.Tensor, same: bool, smoothing: float = 0.1) -> torch
     Loss = ``(1 − ε)·(−log p[label]) + (ε / 2)·(−log p(same) − log p(different))``.
     """
     log_same, log_diff = F.logsigmoid(cos), F.logsigmoid(-cos)
-    nll = -(log_same if same else log_diff)
+    if isinstance(same, torch.Tensor):
+        nll = -torch.where(same, log_same, log_diff)
+    else:
+        nll = -(log_same if same else log_diff)
     return (1.0 - smoothing) * nll - (smoothing / 2.0) * (log_same + log_diff)
 
 

@@ -4,22 +4,33 @@ Same class set (classes present in the group's mask), same minimum counts, same 
 "sort" that is a no-op (so CL keeps the first ``take_top`` share of *randomly* permuted pairs), the
 InfoNCE sort that is real, the division by stages and classes, and the same global CPU RNG draws
 (two ``torch.randperm`` per (stage, class) with ≥ ``min_positives`` / ``min_negatives`` samples,
-positives first, stages outer, classes ascending). After ``torch.manual_seed(k)`` the value equals a
-loop implementation of §1.3.
+positives first, groups outer, then stages, classes ascending). After ``torch.manual_seed(k)`` the
+value equals a loop implementation of §1.3.
 
-What differs from the authors' code is only the cost: GT patches come from one pooling, and the
-projection runs once on each distinct row that some loss term actually reads (same values, same
-gradients; on Dubai 512² crops ≈ 80% of the stage-0 rows, 65% at stage 2).
-Host synchronisation is inherent here (the permutation sizes are data-dependent).
+What differs from the authors' code is only the cost. The draws need the candidate counts on the host
+(one transfer of all stages' class counts), so the work is split in two:
+
+* a host plan (:func:`_draw_terms`, :func:`_place_rows` and the kind's ``plan``): per (group, stage, class) term, the rows it reads, as positions
+  into one projected batch; the lengths, pair counts and stats all follow from the sizes;
+* one device pass over all terms of all groups and stages (:data:`REFERENCE_TERMS`): the projection
+  runs once on each distinct row some term reads (same values, same gradients; on Dubai 512² crops
+  ≈ 80 % of the stage-0 rows, 65 % at stage 2), then each loss kind evaluates every term at once: CL
+  as segment means over the concatenated pairs, InfoNCE on terms padded to the longest.
+
+So the device work is a few dozen operators whatever the number of terms (it was ≈ 1550 with one
+small computation per term, which on a GPU cost more than the model's step; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from ctseg.contrastive.config import CTConfig, GroupResult
 from ctseg.contrastive.heads import project_rows
@@ -29,146 +40,377 @@ from ctseg.utils.registry import Registry
 
 
 @dataclass
-class _Plan:
-    """Rows one (stage, class) term reads, as index slices into one projected batch."""
+class _Term:
+    """Host plan of one (group, stage, class) term.
 
+    ``segments`` are CPU long tensors of flat patch rows of the stage's map (whole batch);
+    ``positions`` the same rows as positions into the projected rows of all stages.
+    """
+
+    group: int
+    stage: int  # index into cfg.stages
     c: int
-    segments: list[torch.Tensor]  # CPU long tensors of flat patch rows
+    segments: list[torch.Tensor]
     n_pos: int
     n_neg: int
+    positions: list[torch.Tensor] = field(default_factory=list)
 
 
-def _cl_plan(c: int, pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig) -> _Plan:
+class HostCounts:
+    """The stages' class counts, copied to the host for the draws: one copy of all stages.
+
+    On CUDA the copy goes to pinned memory asynchronously and :meth:`get` waits for it alone (an
+    event), so a copy started before the model's forward (:meth:`PatchContrastiveLoss.prefetch`) is
+    ready when the loss runs: the draws then overlap the forward instead of waiting for it.
+
+    Args:
+        counts: per stage ``(B, K, h_s, w_s)`` integer counts (values ≤ the stage's patch pixels).
+        max_count: the largest value they can hold (int16 on the wire when it fits).
+    """
+
+    def __init__(self, counts: Sequence[torch.Tensor], max_count: int) -> None:
+        self.shapes = [tuple(c.shape) for c in counts]
+        self._ready: torch.cuda.Event | None = None
+        if not counts[0].is_cuda:  # CPU: the counts themselves; another device: a plain copy
+            self._counts = [c.cpu() for c in counts]
+            return
+        dtype = torch.int16 if max_count <= torch.iinfo(torch.int16).max else torch.int32
+        flat = torch.cat([c.reshape(-1) for c in counts]).to(dtype)
+        pinned = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
+        pinned.copy_(flat, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+        sizes = [math.prod(s) for s in self.shapes]
+        self._counts = [part.view(s) for part, s in zip(pinned.split(sizes), self.shapes, strict=True)]
+
+    def get(self) -> list[torch.Tensor]:
+        """Per stage the counts on the host ``(B, K, h_s, w_s)`` (waits for the copy on CUDA)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._counts
+
+
+class _Upload:
+    """Host tensors the device pass reads, sent in one copy per dtype (pinned and asynchronous on
+    CUDA), so that the device work is queued behind one transfer instead of waiting on one per tensor."""
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+
+    def add(self, tensor: torch.Tensor) -> int:
+        """Register a CPU tensor; returns its index into :meth:`send`'s list."""
+        self._tensors.append(tensor)
+        return len(self._tensors) - 1
+
+    def send(self, device: torch.device) -> list[torch.Tensor]:
+        """All registered tensors on ``device``, same shapes and order (views of one buffer per dtype)."""
+        out: list[torch.Tensor] = list(self._tensors)
+        if device.type == "cpu":
+            return out
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for k, t in enumerate(self._tensors):
+            by_dtype.setdefault(t.dtype, []).append(k)
+        for dtype, ks in by_dtype.items():
+            sizes = [self._tensors[k].numel() for k in ks]
+            flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+            torch.cat([self._tensors[k].reshape(-1) for k in ks], out=flat)
+            flat = flat.to(device, non_blocking=True)
+            for k, part in zip(ks, flat.split(sizes), strict=True):
+                out[k] = part.view(self._tensors[k].shape)
+        return out
+
+
+@dataclass
+class _KindPlan:
+    """What a loss kind planned on the host for its terms.
+
+    Attributes:
+        slots: per value the kind computes, ``(term index, sub-term t)``.
+        term_active: per term, which of its T sub-terms are active.
+        pairs: per term, the pairs it uses.
+        tensors: name → index into the :class:`_Upload` of what its device pass reads.
+        sizes: name → host-known sizes that device pass needs.
+    """
+
+    slots: list[tuple[int, int]]
+    term_active: list[list[bool]]
+    pairs: list[int]
+    tensors: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def _permutations(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's two draws, positives first: permutations of the candidates' positions.
+
+    A term reads only prefixes of the permuted candidates, so the caller gathers those prefixes
+    (``pos[perm[:k]]``) rather than permuting all candidates (up to ~10⁵ negatives at stage 0).
+    """
+    return torch.randperm(len(pos)), torch.randperm(len(neg))
+
+
+# ----------------------------------------------------------------------------------------------- CL
+def _cl_segments(pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig) -> list[torch.Tensor]:
     """Reference CL: negative pairs ``(P[:kn], N[:kn])``, kn = int(min(n_pos, n_neg)·take_top);
     positive pairs ``(P[:kh], P[h:h+kh])``, h = n_pos // 2, kh = int(h·take_top), if n_pos ≥ 10."""
-    P = pos[torch.randperm(len(pos))]
-    N = neg[torch.randperm(len(neg))]
-    kn = int(min(len(P), len(N)) * cfg.take_top)
-    segs = [P[:kn], N[:kn]]
-    if len(P) >= cfg.min_pair_positives:
-        h = len(P) // 2
+    p, n = _permutations(pos, neg)
+    kn = int(min(len(pos), len(neg)) * cfg.take_top)
+    segs = [pos[p[:kn]], neg[n[:kn]]]
+    if len(pos) >= cfg.min_pair_positives:
+        h = len(pos) // 2
         kh = int(h * cfg.take_top)
-        segs += [P[:kh], P[h : h + kh]]
-    return _Plan(c, segs, len(P), len(N))
+        segs += [segs[0][:kh] if kh <= kn else pos[p[:kh]], pos[p[h : h + kh]]]
+    return segs
 
 
-def _cl_loss(
-    z: Sequence[torch.Tensor], cfg: CTConfig
-) -> tuple[torch.Tensor, list[torch.Tensor], list[bool], int]:
-    def term(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
-        if len(a) == 0:  # only with take_top < 2/min_negatives; the reference would give NaN here
-            return torch.zeros((), device=a.device)
-        return cl_pair_loss((a * b).sum(-1), same, cfg.smoothing).mean()
-
-    l_neg = term(z[0], z[1], False)
-    if len(z) == 2:
-        return l_neg, [l_neg, torch.zeros_like(l_neg)], [True, False], len(z[0])
-    l_pos = term(z[2], z[3], True)
-    return l_neg + l_pos, [l_neg, l_pos], [True, True], len(z[0]) + len(z[2])
-
-
-def _infonce_plan(c: int, pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig) -> _Plan:
-    """Reference InfoNCE: m = min(n_pos, n_neg, 2000) zipped pairs (drawn even when one side has
-    fewer than ``min_infonce`` rows, in which case the term is 0)."""
-    P = pos[torch.randperm(len(pos))]
-    N = neg[torch.randperm(len(neg))]
-    if min(len(P), len(N)) < cfg.min_infonce:
-        return _Plan(c, [], len(P), len(N))
-    m = min(len(P), len(N), cfg.infonce_max_pairs)
-    return _Plan(c, [P[:m], N[:m]], len(P), len(N))
+def _cl_plan(terms: Sequence[_Term], cfg: CTConfig, upload: _Upload) -> _KindPlan:
+    """All pairs of all sub-terms (negative pairs; positive pairs where there are ≥
+    ``min_pair_positives`` positives) concatenated, with each sub-term's bounds."""
+    first, second, same, lengths, plan = [], [], [], [], _KindPlan([], [], [])
+    for j, term in enumerate(terms):
+        pos = term.positions
+        subterms = [(pos[0], pos[1])] + ([(pos[2], pos[3])] if len(pos) == 4 else [])
+        for t, (a, b) in enumerate(subterms):
+            first.append(a)
+            second.append(b)
+            same.append(torch.full((len(a),), t))  # sub-term 1 pairs two positives
+            lengths.append(len(a))
+            plan.slots.append((j, t))
+        plan.term_active.append([True, len(subterms) == 2])
+        plan.pairs.append(sum(len(a) for a, _ in subterms))
+    bounds = torch.tensor([0, *accumulate(lengths)])
+    plan.tensors = {
+        "pairs": upload.add(torch.stack([torch.cat(first), torch.cat(second), torch.cat(same)])),
+        "bounds": upload.add(bounds),
+        "inverse_lengths": upload.add(1.0 / torch.tensor(lengths, dtype=torch.float32).clamp(min=1)),
+    }
+    return plan
 
 
-def _infonce_loss(
-    z: Sequence[torch.Tensor], cfg: CTConfig
-) -> tuple[torch.Tensor, list[torch.Tensor], list[bool], int]:
-    P, N = z
-    order = torch.argsort((P * N).sum(-1), descending=True)
-    keep = order[: int(len(P) * cfg.take_top)]
-    P, N = P[keep], N[keep]
-    q = len(keep) // 2
-    ones = torch.ones(1, q, dtype=torch.bool, device=P.device)
-    loss = info_nce(
-        P[None, :q],
-        P[None, q : 2 * q],
-        ones,
-        N[None],
-        torch.ones(1, len(N), dtype=torch.bool, device=P.device),
+def _cl_evaluate(
+    z: torch.Tensor, plan: _KindPlan, sent: Sequence[torch.Tensor], cfg: CTConfig
+) -> torch.Tensor:
+    """Mean CL of every sub-term ``(V,)``: each pair's CL, then segment means as differences of one
+    float64 prefix sum (deterministic on every device, unlike a scatter with atomics; relative error
+    ~1e-16·n, exact enough for segments of any length). An empty sub-term gives 0."""
+    pairs = sent[plan.tensors["pairs"]]
+    per_pair = cl_pair_loss((z[pairs[0]] * z[pairs[1]]).sum(-1), pairs[2].bool(), cfg.smoothing)
+    prefix = torch.nn.functional.pad(per_pair.double().cumsum(0), (1, 0))
+    sums = torch.diff(prefix[sent[plan.tensors["bounds"]]])
+    return sums.float() * sent[plan.tensors["inverse_lengths"]]
+
+
+# ------------------------------------------------------------------------------------------ InfoNCE
+def _infonce_segments(pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig) -> list[torch.Tensor]:
+    """Reference InfoNCE: m = min(n_pos, n_neg, 2000) zipped pairs ``(P[:m], N[:m])``; drawn even when
+    one side has fewer than ``min_infonce`` rows, in which case there is no term (value 0)."""
+    p, n = _permutations(pos, neg)
+    if min(len(pos), len(neg)) < cfg.min_infonce:
+        return []
+    m = min(len(pos), len(neg), cfg.infonce_max_pairs)
+    return [pos[p[:m]], neg[n[:m]]]
+
+
+def _infonce_plan(terms: Sequence[_Term], cfg: CTConfig, upload: _Upload) -> _KindPlan:
+    """Every term's zipped pairs padded to the longest ``M``, with its sizes: m pairs, ``kept`` =
+    int(m·take_top) after the sort, q = kept // 2 queries."""
+    m = [len(t.positions[0]) for t in terms]
+    kept = [int(n * cfg.take_top) for n in m]
+    q = [k // 2 for k in kept]
+    rows = pad_sequence([t.positions[0] for t in terms] + [t.positions[1] for t in terms], batch_first=True)
+    return _KindPlan(
+        slots=[(j, 0) for j in range(len(terms))],
+        term_active=[[True] for _ in terms],
+        pairs=[qj * (1 + kj) for qj, kj in zip(q, kept, strict=True)],
+        tensors={"rows": upload.add(rows), "sizes": upload.add(torch.tensor([m, kept, q]))},
+        sizes={"queries": max(q), "negatives": max(kept)},
+    )
+
+
+def _infonce_evaluate(
+    z: torch.Tensor, plan: _KindPlan, sent: Sequence[torch.Tensor], cfg: CTConfig
+) -> torch.Tensor:
+    """InfoNCE of every term ``(R,)``, padded: the zipped pairs sorted by similarity (descending), the
+    first ``kept`` remain; queries and keys are their first two quarters, the negatives all of them."""
+    rows, sizes = sent[plan.tensors["rows"]], sent[plan.tensors["sizes"]]
+    R, M = rows.shape[0] // 2, rows.shape[1]
+    P, N = rows[:R], rows[R:]  # (R, M) positions into z
+    with torch.no_grad():
+        sim = (z[P] * z[N]).sum(-1)
+        sim = sim.masked_fill(torch.arange(M, device=z.device) >= sizes[0, :, None], float("-inf"))
+        order = torch.argsort(sim, dim=1, descending=True)
+    P, N = P.gather(1, order), N.gather(1, order)
+    Q, K = plan.sizes["queries"], plan.sizes["negatives"]
+    i_q = torch.arange(Q, device=z.device)
+    keys = P.gather(1, (sizes[2, :, None] + i_q).clamp(max=M - 1))
+    return info_nce(
+        z[P[:, :Q]],
+        z[keys],
+        i_q < sizes[2, :, None],
+        z[N[:, :K]],
+        torch.arange(K, device=z.device) < sizes[1, :, None],
         cfg.temperature,
-    )[0]
-    return loss, [loss], [True], q * (1 + len(N))
+    )
 
 
-_PlanFn = Callable[[int, torch.Tensor, torch.Tensor, CTConfig], _Plan]
-_LossFn = Callable[
-    [Sequence[torch.Tensor], CTConfig], tuple[torch.Tensor, list[torch.Tensor], list[bool], int]
-]
-REFERENCE_TERMS: Registry[tuple[_PlanFn, _LossFn, int]] = Registry("CT reference loss")
-REFERENCE_TERMS.add("cl", (_cl_plan, _cl_loss, 2))
-REFERENCE_TERMS.add("infonce", (_infonce_plan, _infonce_loss, 1))
+@dataclass(frozen=True)
+class ReferenceKind:
+    """A registered reference loss: the rows one term draws, the host plan and the device pass over
+    all terms, and the number of sub-terms ``T`` per (stage, class)."""
+
+    segments: Callable[[torch.Tensor, torch.Tensor, CTConfig], list[torch.Tensor]]
+    plan: Callable[[Sequence[_Term], CTConfig, _Upload], _KindPlan]
+    evaluate: Callable[[torch.Tensor, _KindPlan, Sequence[torch.Tensor], CTConfig], torch.Tensor]
+    num_terms: int
 
 
-def reference_group(
+REFERENCE_TERMS: Registry[ReferenceKind] = Registry("CT reference loss")
+REFERENCE_TERMS.add("cl", ReferenceKind(_cl_segments, _cl_plan, _cl_evaluate, 2))
+REFERENCE_TERMS.add("infonce", ReferenceKind(_infonce_segments, _infonce_plan, _infonce_evaluate, 1))
+
+
+# ------------------------------------------------------------------------------------- host planning
+def _draw_terms(
+    cfg: CTConfig,
+    counts: Sequence[torch.Tensor],
+    grids: Sequence[StageGrid],
+    bounds: Sequence[tuple[int, int]],
+    kind: ReferenceKind,
+) -> tuple[list[_Term], torch.Tensor]:
+    """Every term with rows, drawn in the reference's order; and ``present`` ``(G, K)`` bool.
+
+    ``counts``: the stages' class counts on the host, ``(B, K, h_s, w_s)``.
+    """
+    candidates = []  # per stage: pure (K, n) and free (K, n) patches of every class, n = B·h·w
+    for cnt, grid in zip(counts, grids, strict=True):
+        K = cnt.shape[1]
+        # Compare first, then lay the (1-byte) flags out class-major: no copy of the counts themselves.
+        pure = (cnt == grid.patch_pixels).transpose(0, 1).reshape(K, -1)
+        free = (cnt == 0).transpose(0, 1).reshape(K, -1)
+        candidates.append((pure, free, cnt.shape[2] * cnt.shape[3]))
+    free0, per_image0 = candidates[0][1], candidates[0][2]
+    # A class is present where some stage-0 patch has a pixel of it.
+    present = torch.stack([~free0[:, b0 * per_image0 : b1 * per_image0].all(1) for b0, b1 in bounds])
+    terms = []
+    for g, (b0, b1) in enumerate(bounds):
+        classes = [int(c) for c in torch.nonzero(present[g]).flatten()]
+        for i, (pure, free, per_image) in enumerate(candidates):
+            lo, hi = b0 * per_image, b1 * per_image
+            for c in classes:
+                pos = torch.nonzero(pure[c, lo:hi]).flatten()
+                neg = torch.nonzero(free[c, lo:hi]).flatten()
+                if len(pos) < cfg.min_positives or len(neg) < cfg.min_negatives:
+                    continue
+                segments = kind.segments(pos, neg, cfg)
+                if segments:
+                    terms.append(_Term(g, i, c, [seg + lo for seg in segments], len(pos), len(neg)))
+    return terms, present
+
+
+def _place_rows(terms: Sequence[_Term], grids: Sequence[StageGrid], batch: int) -> list[torch.Tensor | None]:
+    """The distinct rows each stage must project (None: none), and every term's ``positions`` into
+    their concatenation over stages.
+
+    Terms share rows (CL's two prefixes of P, one class's negatives that are another's positives):
+    each distinct row is projected once. Rows are flat patch indices below B·h·w, so the distinct ones
+    come from a mark per patch and their ranks from its running count (linear; a sort-based
+    ``torch.unique`` took several ms of host time at stage 0).
+    """
+    stage_rows: list[torch.Tensor | None] = []
+    offset = 0
+    for i, grid in enumerate(grids):
+        own = [t for t in terms if t.stage == i]
+        if not own:
+            stage_rows.append(None)
+            continue
+        read = torch.cat([seg for t in own for seg in t.segments])
+        marked = torch.zeros(batch * grid.h * grid.w, dtype=torch.bool)
+        marked[read] = True
+        rows = torch.nonzero(marked).flatten()
+        inverse = (torch.cumsum(marked, 0) - 1 + offset)[read]
+        at = 0
+        for t in own:
+            t.positions = []
+            for seg in t.segments:
+                t.positions.append(inverse[at : at + len(seg)])
+                at += len(seg)
+        stage_rows.append(rows)
+        offset += len(rows)
+    return stage_rows
+
+
+# --------------------------------------------------------------------------------------------- loss
+def reference_groups(
     cfg: CTConfig,
     heads: nn.ModuleList,
     features: Sequence[torch.Tensor],
-    counts: Sequence[torch.Tensor],
+    counts: HostCounts,
     grids: Sequence[StageGrid],
+    bounds: Sequence[tuple[int, int]],
 ) -> GroupResult:
-    """CT loss of one group (one data-parallel replica of the reference). Shapes as ``paper_group``."""
-    plan_fn, loss_fn, T = REFERENCE_TERMS[cfg.loss]
-    K, S = cfg.num_classes, len(cfg.stages)
+    """CT loss of every group (each a data-parallel replica of the reference: images ``b0:b1`` of
+    ``bounds``), with a leading group dimension G on every field of the result.
+
+    Args:
+        features: the used stage maps ``(B, C_s, h_s, w_s)``.
+        counts: their class counts, on their way to the host (the draws' sizes: the one host
+            synchronisation of this mode).
+        grids: the stages' patch grids.
+    """
+    kind = REFERENCE_TERMS[cfg.loss]
+    G, S, K, T = len(bounds), len(cfg.stages), cfg.num_classes, kind.num_terms
     device = features[0].device
-    counts_cpu = [c.cpu() for c in counts]  # one transfer per stage; sizes drive the CPU randperms
-    present = counts_cpu[0].sum(dim=(0, 2, 3)) > 0
-    classes = [int(c) for c in torch.nonzero(present).flatten()]
-    stat = torch.zeros(3, S, K)  # positives, negatives, pairs
-    terms = [[[torch.zeros((), device=device)] * T for _ in range(K)] for _ in range(S)]
-    term_active = torch.zeros(S, K, T, dtype=torch.bool)
-    active = torch.zeros(S, K, dtype=torch.bool)
-    total = None
-    for i, (s, feat, cnt, grid) in enumerate(zip(cfg.stages, features, counts_cpu, grids, strict=True)):
-        flat = cnt.transpose(0, 1).reshape(K, -1)
-        plans = []
-        for c in classes:
-            pos = torch.nonzero(flat[c] == grid.patch_pixels).flatten()
-            neg = torch.nonzero(flat[c] == 0).flatten()
-            if len(pos) < cfg.min_positives or len(neg) < cfg.min_negatives:
-                continue
-            plans.append(plan_fn(c, pos, neg, cfg))
-        segments = [seg for p in plans for seg in p.segments]
-        if not segments:
-            continue
-        # Terms share rows (CL's two prefixes of P, negatives of one class that are another's
-        # positives): project each distinct row once, then spread the results to the segments.
-        rows, inverse = torch.unique(torch.cat(segments), return_inverse=True)
-        z_rows = project_rows(heads[s], feat, rows.to(device))
-        z = torch.split(z_rows[inverse.to(device)], [len(seg) for seg in segments])
-        at = 0
-        for p in plans:
-            if not p.segments:
-                continue
-            loss, vals, act, n_pairs = loss_fn(z[at : at + len(p.segments)], cfg)
-            at += len(p.segments)
-            total = loss if total is None else total + loss
-            terms[i][p.c] = vals
-            term_active[i, p.c] = torch.tensor(act)
-            active[i, p.c] = True
-            stat[:, i, p.c] = torch.tensor([p.n_pos, p.n_neg, n_pairs], dtype=torch.float32)
-    # An exact zero that depends on every head (DDP then sees no unused parameter) and, when no term
-    # was active, on the features (the loss stays attached to the graph). Paper mode needs none: its
-    # fixed-shape sampling always projects rows of every stage.
-    anchor = [p.reshape(-1)[:1].sum() for s in cfg.stages for p in heads[s].parameters()]
-    if total is None:
+    terms, present = _draw_terms(cfg, counts.get(), grids, bounds, kind)
+
+    # Everything the device pass reads is planned here and sent in one copy per dtype.
+    upload = _Upload()
+    stage_rows = [
+        None if r is None else upload.add(r) for r in _place_rows(terms, grids, features[0].shape[0])
+    ]
+    plan = kind.plan(terms, cfg, upload) if terms else _KindPlan([], [], [])
+    stats = torch.zeros(3 + T, G, S, K)  # positives, negatives, pairs, then term_active per sub-term
+    if terms:
+        at = torch.tensor([[t.group, t.stage, t.c] for t in terms]).T
+        rows = zip(terms, plan.term_active, plan.pairs, strict=True)
+        values = torch.tensor([[t.n_pos, t.n_neg, n, *act] for t, act, n in rows], dtype=torch.float32)
+        stats[:, at[0], at[1], at[2]] = values.T
+    per_group = 1.0 / (S * present.sum(-1).clamp(min=1).float())  # the reference's / S / classes
+    h_stats, h_present, h_scale = (upload.add(t) for t in (stats, present.float(), per_group))
+    slot = [((terms[j].group * S + terms[j].stage) * K + terms[j].c) * T + t for j, t in plan.slots]
+    h_slot = upload.add(torch.tensor(slot, dtype=torch.long)) if slot else None
+    sent = upload.send(device)
+
+    parts = [
+        project_rows(heads[s], f, sent[h])
+        for s, f, h in zip(cfg.stages, features, stage_rows, strict=True)
+        if h is not None
+    ]
+    values = torch.zeros(G * S * K * T, device=device)
+    if parts:
+        z = parts[0] if len(parts) == 1 else torch.cat(parts)
+        values = values.index_put((sent[h_slot],), kind.evaluate(z, plan, sent, cfg))
+    loss = values.view(G, S * K * T).sum(-1) * sent[h_scale]
+    # An exact zero that depends on every head no term used (DDP then sees no unused parameter) and,
+    # without any term, on the features (the loss stays attached to the graph). Paper mode needs none:
+    # its fixed-shape sampling always projects rows of every stage.
+    anchor = [
+        p.reshape(-1)[:1].sum()
+        for s, h in zip(cfg.stages, stage_rows, strict=True)
+        if h is None
+        for p in heads[s].parameters()
+    ]
+    if not parts:
         anchor += [f.reshape(-1)[:1].sum().float() for f in features]
-        total = torch.zeros((), device=device)
-    loss = (total + torch.stack(anchor).sum() * 0.0) / S / max(len(classes), 1)
+    if anchor:
+        loss = loss + torch.stack(anchor).sum() * 0.0
+    stats_dev = sent[h_stats]
+    term_active = stats_dev[3:].permute(1, 2, 3, 0) > 0  # (G, S, K, T)
     return GroupResult(
         loss=loss,
-        positives=stat[0].to(device),
-        negatives=stat[1].to(device),
-        pairs=stat[2].to(device),
-        terms=torch.stack([torch.stack([torch.stack(t) for t in row]) for row in terms]).detach(),
-        term_active=term_active.to(device),
-        active=active.to(device),
-        present=present.to(device),
+        positives=stats_dev[0],
+        negatives=stats_dev[1],
+        pairs=stats_dev[2],
+        terms=values.detach().view(G, S, K, T),
+        term_active=term_active,
+        active=term_active.any(-1),
+        present=sent[h_present] > 0,
     )

@@ -202,6 +202,8 @@ class SegmentationModule(pl.LightningModule):
         assert self.model is not None and self.seg_loss is not None
         x, y = batch["image"], batch["mask"]
         if self.ct_config is not None:
+            # Reference mode: start the class counts' copy to the host before the forward is queued.
+            self.model.ct_loss.prefetch(y)
             logits, feats = self.model(x, return_features=True)
         else:
             logits, feats = self.model(x), None

@@ -1,0 +1,192 @@
+"""``mode="reference"`` evaluates all its terms at once, and ``prefetch`` starts its host copy early.
+
+Value parity with the loop oracle is in ``test_reference_parity.py``; here: the device work does not
+grow with the number of terms, the pieces of the host-to-device plumbing, and that a prefetch changes
+nothing but when the counts are computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ctseg.contrastive import PatchContrastiveLoss
+from ctseg.contrastive import loss as loss_module
+from ctseg.contrastive.reference import HostCounts, _Upload
+from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
+from tests.contrastive.oracle import oracle_loss
+
+
+class _FloatOps(TorchDispatchMode):
+    """Counts the ATen operators that read or write a floating-point tensor (the loss math; the
+    host planning works on integer and bool tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [
+            x for x in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(x, torch.Tensor)
+        ]
+        if any(t.is_floating_point() for t in tensors) and func.__name__.split(".")[0] not in _VIEWS:
+            self.count += 1
+        return out
+
+
+_VIEWS = {"view", "_unsafe_view", "alias", "as_strided", "slice", "select", "expand", "t", "transpose",
+          "permute", "unsqueeze", "squeeze", "detach", "split", "split_with_sizes", "unbind", "reshape"}  # fmt: skip
+
+
+def _float_ops(loss: str, num_classes: int, seed: int = 0) -> tuple[int, int]:
+    """Float operators of one forward + backward, and the number of active (stage, class) terms."""
+    torch.manual_seed(seed)
+    fn = PatchContrastiveLoss(CHANNELS, num_classes, num_classes, loss=loss, mode="reference", clip=None)
+    mask = blocky_mask(2, 128, 128, num_classes, num_classes, block=16, seed=seed, ignore_frac=0.0)
+    feats = stage_features(2, 128, 128, seed)
+    with _FloatOps() as ops:
+        out, stats = fn(feats, mask)
+        out.backward()
+    active = sum(1 for k, v in stats.items() if k.endswith("/pairs") and "class" in k and v > 0)
+    return ops.count, active
+
+
+@pytest.mark.parametrize("loss", ["cl", "infonce"])
+def test_loss_math_does_not_grow_with_the_number_of_terms(loss):
+    """All (stage, class) terms are evaluated together: 6 classes cost as many float operators as 2."""
+    few, active_few = _float_ops(loss, 2)
+    many, active_many = _float_ops(loss, 6)
+    assert active_many >= 3 * active_few - 2 and active_many >= 16
+    # The same up to the few operators of the projection's path (a stage whose every patch is read
+    # projects the whole map and indexes it) and of the host stats; a loop would add ≈ 40 per term.
+    assert abs(many - few) <= 8
+
+
+def test_upload_sends_one_buffer_per_dtype_and_keeps_shapes():
+    upload = _Upload()
+    parts = [torch.arange(6).view(2, 3), torch.tensor([0.5, 1.5]), torch.arange(4) * 7, torch.ones(2, 2)]
+    handles = [upload.add(p) for p in parts]
+    sent = upload.send(torch.device("cpu"))
+    for h, p in zip(handles, parts, strict=True):
+        assert torch.equal(sent[h], p) and sent[h].dtype == p.dtype
+
+
+@pytest.mark.parametrize(("max_count", "dtype"), [(1024, torch.int32), (40000, torch.int32)])
+def test_host_counts_round_trip(max_count, dtype):
+    counts = [
+        torch.randint(0, max_count + 1, (2, 3, 8, 8), dtype=dtype),
+        torch.randint(0, 5, (2, 3, 4, 4), dtype=dtype),
+    ]
+    host = HostCounts(counts, max_count).get()
+    assert [tuple(h.shape) for h in host] == [(2, 3, 8, 8), (2, 3, 4, 4)]
+    assert all(torch.equal(h.long(), c.long()) for h, c in zip(host, counts, strict=True))
+
+
+def _reference(loss: str = "cl", **kw) -> PatchContrastiveLoss:
+    torch.manual_seed(0)
+    return PatchContrastiveLoss(CHANNELS, 6, 6, loss=loss, mode="reference", clip=None, **kw)
+
+
+def _inputs(seed: int = 1):
+    return stage_features(2, 128, 128, seed), blocky_mask(2, 128, 128, 6, 6, block=16, seed=seed)
+
+
+def _value_and_grads(fn, feats, mask, seed, prefetch: bool):
+    torch.manual_seed(seed)
+    if prefetch:
+        fn.prefetch(mask)
+    out, _ = fn(feats, mask)
+    grads = torch.autograd.grad(out, feats + list(fn.heads.parameters()), allow_unused=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("loss", ["cl", "infonce"])
+def test_prefetch_changes_nothing_but_when_counts_are_made(loss, monkeypatch):
+    fn = _reference(loss)
+    feats, mask = _inputs()
+    fn(feats, mask)  # learns the grids of this mask size
+    made = []
+    real = loss_module.patch_class_counts
+    monkeypatch.setattr(loss_module, "patch_class_counts", lambda *a: made.append(1) or real(*a))
+    plain, plain_grads = _value_and_grads(fn, feats, mask, 3, prefetch=False)
+    assert len(made) == 1
+    made.clear()
+    early, early_grads = _value_and_grads(fn, feats, mask, 3, prefetch=True)
+    assert len(made) == 1  # in prefetch; the forward used them
+    assert torch.equal(plain, early)
+    for a, b in zip(plain_grads, early_grads, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    torch.manual_seed(3)
+    assert oracle_loss(fn.heads, feats, mask, loss=loss, ignore_index=6).item() == pytest.approx(
+        early.item(), rel=1e-5, abs=1e-5
+    )
+
+
+def test_prefetch_is_ignored_unless_the_forward_gets_that_very_mask(monkeypatch):
+    fn = _reference()
+    feats, mask = _inputs()
+    fn.prefetch(mask)
+    assert fn._prefetched is None  # sizes not known yet: nothing to start
+    fn(feats, mask)
+    other = mask.clone()
+    other[:, :64] = 0  # another batch of the same size
+    fn.prefetch(mask)
+    assert fn._prefetched is not None
+    torch.manual_seed(4)
+    got, _ = fn(feats, other)  # the forward of another mask recomputes its own counts
+    assert fn._prefetched is None  # and drops the stale prefetch
+    torch.manual_seed(4)
+    assert got.item() == pytest.approx(oracle_loss(fn.heads, feats, other, ignore_index=6).item(), rel=1e-5)
+    small_feats, small_mask = stage_features(2, 64, 64, 2), blocky_mask(2, 64, 64, 6, 6, block=16, seed=2)
+    fn.prefetch(mask)
+    fn(small_feats, small_mask)  # other grids: the prefetch is not used either
+    assert fn._prefetched is None
+
+
+def test_prefetch_is_a_no_op_in_paper_mode_and_without_gradients():
+    torch.manual_seed(0)
+    paper = PatchContrastiveLoss(CHANNELS, 6, 6, clip=None)
+    feats, mask = _inputs()
+    paper(feats, mask)
+    paper.prefetch(mask)
+    assert paper._prefetched is None
+    fn = _reference()
+    fn(feats, mask)
+    with torch.no_grad():
+        fn.prefetch(mask)
+    assert fn._prefetched is None
+
+
+def test_a_loss_with_a_pending_prefetch_copies_and_pickles():
+    fn = _reference()
+    feats, mask = _inputs()
+    fn(feats, mask)
+    fn.prefetch(mask)
+    for clone in (copy.deepcopy(fn), pickle.loads(pickle.dumps(fn))):
+        assert clone._prefetched is None
+        torch.manual_seed(5)
+        a = clone(feats, mask)[0].item()
+        torch.manual_seed(5)
+        assert a == pytest.approx(oracle_loss(clone.heads, feats, mask, ignore_index=6).item(), rel=1e-5)
+
+
+def test_groups_are_evaluated_together_and_match_one_by_one():
+    """group_size splits the batch into replicas; one pass over all groups gives each group the loss it
+    gets alone (same draws in the same order)."""
+    torch.manual_seed(0)
+    fn = _reference(group_size=1)
+    feats, mask = stage_features(3, 128, 128, 6), blocky_mask(3, 128, 128, 6, 6, block=32, seed=6)
+    torch.manual_seed(8)
+    together, stats = fn(feats, mask)
+    torch.manual_seed(8)
+    alone = [
+        oracle_loss(fn.heads, [f[b : b + 1] for f in feats], mask[b : b + 1], ignore_index=6)
+        for b in range(3)
+    ]
+    assert together.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5, abs=1e-6)
+    assert stats["loss_raw"] == pytest.approx(together.item(), rel=1e-6)
