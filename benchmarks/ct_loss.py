@@ -20,7 +20,8 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
   counts are the machine-independent measure of its time overhead there; they need no GPU to measure.
 * ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
-  each CT variant. Times are medians of ``--repeats`` steps, configurations interleaved round-robin
+  each CT variant; the step calls ``ct.prefetch(masks)`` before the forward, as ``ctseg fit`` does
+  (reference mode; ``reference-cl-prefetch`` on CUDA leaves it out). Times are medians of ``--repeats`` steps, configurations interleaved round-robin
   in one process (so machine noise hits all alike); also the *paired* ratio, the median over rounds of
   (config's step / baseline's step of the same round) − 1, with its quartiles, which a drift of the
   machine between rounds does not move. Peak memory, in a fresh subprocess per
@@ -64,6 +65,8 @@ NUM_CLASSES, IGNORE = 5, 5
 SIZE = 512  # crop / input size in pixels (--size)
 # Key of a benchmark-only variant setting: inductor's GEMM backends for the loss's compile.
 GEMM_BACKENDS = "_gemm_backends"
+# Key of a benchmark-only variant setting: the step does not call ``prefetch`` (reference mode).
+NO_PREFETCH = "_no_prefetch"
 COLOURS = [(60, 16, 152), (132, 41, 246), (110, 193, 228), (254, 221, 58), (226, 169, 41)]  # README order
 VARIANTS = {
     "paper-cl": {"mode": "paper", "loss": "cl"},
@@ -81,6 +84,8 @@ CUDA_STEP_VARIANTS = {
     # The loss recorded as CUDA graphs and replayed (cuda_graph=True, ctseg.contrastive.graphs).
     "paper-cl+graph": {"mode": "paper", "loss": "cl", "cuda_graph": True},
     "paper-infonce+graph": {"mode": "paper", "loss": "infonce", "cuda_graph": True},
+    # Reference CL without prefetch(mask) before the forward: its draws then wait for the forward.
+    "reference-cl-prefetch": {"mode": "reference", "loss": "cl", NO_PREFETCH: True},
     # torch.compile'd loss (fused kernels; compiling takes a minute and a half per variant and process).
     # torch.compile's own CUDA-graph modes ("reduce-overhead") are not accepted by the loss: their
     # backward failed in a test (docs/benchmarks.md).
@@ -102,7 +107,7 @@ CUDA_STEP_VARIANTS = {
     },
 }
 # Extra variants run on CUDA unless --extra names others (the compiled ones cost minutes of compiling).
-DEFAULT_CUDA_EXTRA = ("paper-cl+sync", "paper-cl+graph", "paper-infonce+graph")
+DEFAULT_CUDA_EXTRA = ("paper-cl+sync", "paper-cl+graph", "paper-infonce+graph", "reference-cl-prefetch")
 # Loss-alone part: the eager variants everywhere, the recorded ones on CUDA too.
 CUDA_LOSS_EXTRA = ("paper-cl+graph", "paper-infonce+graph")
 
@@ -144,7 +149,10 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 def make_ct(variant: str, device: torch.device, **kw) -> PatchContrastiveLoss:
     options = dict({**VARIANTS, **CUDA_STEP_VARIANTS}[variant])
     backends = options.pop(GEMM_BACKENDS, None)
+    no_prefetch = options.pop(NO_PREFETCH, False)
     ct = PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **options, **kw).to(device)
+    if no_prefetch:
+        ct.prefetch = lambda mask: None  # type: ignore[method-assign]
     if backends is not None:  # the experiment above: the loss's compile with inductor options instead
         from torch._inductor import list_mode_options
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (the default parts' time boxes add up to 965 s; ct-loss-compiled, ct-loss-tritongemm and pytest-gpu-compiled add 420, 540 and 590 s; more than one 600 s device call: run subsets with PARTS). From the repository root:
+# One script for a lent GPU (the default parts' time boxes add up to 965 s; ct-loss-reference, ct-loss-compiled, ct-loss-tritongemm and pytest-gpu-compiled add 150, 420, 540 and 590 s; more than one 600 s device call: run subsets with PARTS). From the repository root:
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh
 # On the workplace's device machine (python3 with torch, no jsonargparse/rasterio, no internet): carry the
 # wheels in .whl/ (jsonargparse, docstring-parser, typeshed-client, rasterio, affine, cligj, click-plugins;
@@ -18,7 +18,9 @@
 #      images/s, time and peak-memory ratios vs the no-CT row (benchmarks/training.py)
 #   5. sliding-window inference on generated 3000² / 6000² GeoTIFFs (benchmarks/inference.py)
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
-#   (ct-loss-compiled: like 3 with the compiled recorded loss; only when named in PARTS, 420 s box;
+#   (ct-loss-reference: part 3's step timing of the reference mode, with and without prefetch; only
+#    when named in PARTS, 150 s box;
+#    ct-loss-compiled: like 3 with the compiled recorded loss; only when named in PARTS, 420 s box;
 #    ct-loss-tritongemm: the same with Triton GEMMs only, an experiment; only when named, 540 s box)
 # PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
 # the GPU tests' selection (default: `-m gpu tests` without the compiled-loss tests); CT_GRAPH_PARTS="snapshot workspaces" picks
@@ -77,6 +79,10 @@ part ct-loss 200 "$PY" benchmarks/ct_loss.py --device cuda --repeats 20 --warmup
   --json "$OUT/ct-loss.json"
 # shellcheck disable=SC2086  # word lists on purpose
 part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json" ${CT_GRAPH_PARTS:+--parts $CT_GRAPH_PARTS}
+# Not in the default PARTS: the step part alone, for the reference mode (batched terms, prefetch before
+# the forward, and without it), beside the baseline and the eager paper mode; ≈ 1–2 min.
+part ct-loss-reference 150 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
+  --memory-steps 1 --extra reference-cl-prefetch --json "$OUT/ct-loss-reference.json"
 # Not in the default PARTS (minutes of torch.compile): the recorded loss with compiled parts, side by side.
 part ct-loss-compiled 420 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
   --memory-steps 1 --extra paper-cl+graph paper-cl+compile+graph --json "$OUT/ct-loss-compiled.json"

@@ -83,9 +83,12 @@ def info_nce(
         ``(K,)`` mean cross-entropy over the valid queries (target = the positive key); 0 where a
         class has no valid query.
     """
-    pos = (query * key).sum(-1, keepdim=True) / temperature  # (K, Q, 1)
-    neg = torch.bmm(query, negatives.transpose(1, 2)) / temperature  # (K, Q, M)
-    neg = neg.masked_fill(~negatives_valid[:, None, :], float("-inf"))
-    logits = torch.cat([pos, neg], dim=-1)
-    per_query = torch.logsumexp(logits, dim=-1) - pos.squeeze(-1)
+    query = query / temperature  # (K, Q, d): scaled before the products, not the (K, Q, M) logits
+    pos = (query * key).sum(-1)  # (K, Q)
+    neg = torch.bmm(query, negatives.transpose(1, 2))  # (K, Q, M)
+    # In place: bmm saves its inputs, not its output. Cross-entropy with the positive as target is
+    # log(e^pos + Σ e^neg) − pos = softplus(logsumexp(neg) − pos), with no (K, Q, 1 + M) logits tensor
+    # (the reference mode's padded terms make these the loss's largest tensors).
+    neg.masked_fill_(~negatives_valid[:, None, :], float("-inf"))
+    per_query = F.softplus(torch.logsumexp(neg, dim=-1) - pos)
     return masked_mean(per_query, query_valid)

@@ -187,13 +187,17 @@ def _cl_plan(terms: Sequence[_Term], cfg: CTConfig, upload: _Upload) -> _KindPla
 
 
 def _cl_evaluate(
-    z: torch.Tensor, plan: _KindPlan, sent: Sequence[torch.Tensor], cfg: CTConfig
+    handoff: list[torch.Tensor], plan: _KindPlan, sent: Sequence[torch.Tensor], cfg: CTConfig
 ) -> torch.Tensor:
     """Mean CL of every sub-term ``(V,)``: each pair's CL, then segment means as differences of one
     float64 prefix sum (deterministic on every device, unlike a scatter with atomics; relative error
     ~1e-16·n, exact enough for segments of any length). An empty sub-term gives 0."""
     pairs = sent[plan.tensors["pairs"]]
-    per_pair = cl_pair_loss((z[pairs[0]] * z[pairs[1]]).sum(-1), pairs[2].bool(), cfg.smoothing)
+    z = handoff.pop()
+    first, second = z[pairs[0]], z[pairs[1]]
+    del z  # the projections are not needed once gathered (the gathers save only their indices)
+    # A batched dot product: no (pairs, d) product tensor beside the two gathered ones.
+    per_pair = cl_pair_loss(torch.einsum("nd,nd->n", first, second), pairs[2].bool(), cfg.smoothing)
     prefix = torch.nn.functional.pad(per_pair.double().cumsum(0), (1, 0))
     sums = torch.diff(prefix[sent[plan.tensors["bounds"]]])
     return sums.float() * sent[plan.tensors["inverse_lengths"]]
@@ -227,29 +231,26 @@ def _infonce_plan(terms: Sequence[_Term], cfg: CTConfig, upload: _Upload) -> _Ki
 
 
 def _infonce_evaluate(
-    z: torch.Tensor, plan: _KindPlan, sent: Sequence[torch.Tensor], cfg: CTConfig
+    handoff: list[torch.Tensor], plan: _KindPlan, sent: Sequence[torch.Tensor], cfg: CTConfig
 ) -> torch.Tensor:
     """InfoNCE of every term ``(R,)``, padded: the zipped pairs sorted by similarity (descending), the
     first ``kept`` remain; queries and keys are their first two quarters, the negatives all of them."""
     rows, sizes = sent[plan.tensors["rows"]], sent[plan.tensors["sizes"]]
+    z = handoff.pop()
     R, M = rows.shape[0] // 2, rows.shape[1]
     P, N = rows[:R], rows[R:]  # (R, M) positions into z
     with torch.no_grad():
-        sim = (z[P] * z[N]).sum(-1)
+        sim = (z[P] * z[N]).sum(-1)  # as the reference computes it: the sort is sensitive to rounding
         sim = sim.masked_fill(torch.arange(M, device=z.device) >= sizes[0, :, None], float("-inf"))
         order = torch.argsort(sim, dim=1, descending=True)
     P, N = P.gather(1, order), N.gather(1, order)
     Q, K = plan.sizes["queries"], plan.sizes["negatives"]
     i_q = torch.arange(Q, device=z.device)
     keys = P.gather(1, (sizes[2, :, None] + i_q).clamp(max=M - 1))
-    return info_nce(
-        z[P[:, :Q]],
-        z[keys],
-        i_q < sizes[2, :, None],
-        z[N[:, :K]],
-        torch.arange(K, device=z.device) < sizes[1, :, None],
-        cfg.temperature,
-    )
+    queries, keys, negatives = z[P[:, :Q]], z[keys], z[N[:, :K]]
+    del z  # as in _cl_evaluate
+    q_valid, n_valid = i_q < sizes[2, :, None], torch.arange(K, device=queries.device) < sizes[1, :, None]
+    return info_nce(queries, keys, q_valid, negatives, n_valid, cfg.temperature)
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,9 @@ class ReferenceKind:
 
     segments: Callable[[torch.Tensor, torch.Tensor, CTConfig], list[torch.Tensor]]
     plan: Callable[[Sequence[_Term], CTConfig, _Upload], _KindPlan]
-    evaluate: Callable[[torch.Tensor, _KindPlan, Sequence[torch.Tensor], CTConfig], torch.Tensor]
+    # Takes the projected rows of all stages ``(R, d)`` out of a one-element list, so that it holds the
+    # only reference and can free them once it has gathered the rows it reads.
+    evaluate: Callable[[list[torch.Tensor], _KindPlan, Sequence[torch.Tensor], CTConfig], torch.Tensor]
     num_terms: int
 
 
@@ -379,15 +382,17 @@ def reference_groups(
     h_slot = upload.add(torch.tensor(slot, dtype=torch.long)) if slot else None
     sent = upload.send(device)
 
-    parts = [
-        project_rows(heads[s], f, sent[h])
+    projected = [
+        (heads[s], f, sent[h])
         for s, f, h in zip(cfg.stages, features, stage_rows, strict=True)
         if h is not None
     ]
     values = torch.zeros(G * S * K * T, device=device)
-    if parts:
-        z = parts[0] if len(parts) == 1 else torch.cat(parts)
-        values = values.index_put((sent[h_slot],), kind.evaluate(z, plan, sent, cfg))
+    if projected:
+        # No list of the stages' projections survives the concatenation (it would double them), and
+        # the concatenation is handed over to the loss kind, which frees it after its gathers.
+        handoff = [torch.cat([project_rows(head, f, rows) for head, f, rows in projected])]
+        values = values.index_put((sent[h_slot],), kind.evaluate(handoff, plan, sent, cfg))
     loss = values.view(G, S * K * T).sum(-1) * sent[h_scale]
     # An exact zero that depends on every head no term used (DDP then sees no unused parameter) and,
     # without any term, on the features (the loss stays attached to the graph). Paper mode needs none:
@@ -398,7 +403,7 @@ def reference_groups(
         if h is None
         for p in heads[s].parameters()
     ]
-    if not parts:
+    if not projected:
         anchor += [f.reshape(-1)[:1].sum().float() for f in features]
     if anchor:
         loss = loss + torch.stack(anchor).sum() * 0.0
