@@ -30,10 +30,15 @@ class ProjectionHead(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return unit_rows(self.unnormalized(rows))
+
+    def unnormalized(self, rows: torch.Tensor) -> torch.Tensor:
+        """The MLP without the final L2 normalisation (callers that normalise the rows of several
+        heads at once): ``(N, C)`` → ``(N, dim)``."""
         # Casts only where needed: on a GPU every call, even a no-op, costs host time (launch-bound loss).
         if rows.dtype != self.fc1.weight.dtype:
             rows = rows.to(self.fc1.weight.dtype)
-        return unit_rows(self.fc2(self.act(self.fc1(rows))))
+        return self.fc2(self.act(self.fc1(rows)))
 
 
 def unit_rows(z: torch.Tensor) -> torch.Tensor:
@@ -206,12 +211,19 @@ def gather_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return take_rows(feature, image, patch).reshape(*rows.shape, C)
 
 
-def project_rows(head: nn.Module, feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def project_rows(
+    head: nn.Module, feature: torch.Tensor, rows: torch.Tensor, normalized: bool = True
+) -> torch.Tensor:
     """``head`` applied to the given patch rows of ``feature``: ``(B, C, h, w)``, ``(*S,)`` → ``(*S, d)``.
 
     When more rows are requested than the map has patches (small maps, large budgets), projecting
     the whole map once and indexing the result is cheaper than projecting duplicates.
+    ``normalized=False``: a :class:`ProjectionHead` leaves out its final L2 normalisation, for a
+    caller that normalises the rows of several stages at once (:func:`unit_rows`); other heads
+    normalise anyway, which a second normalisation does not change.
     """
+    if not normalized and isinstance(head, ProjectionHead):
+        head = head.unnormalized
     B, C, h, w = feature.shape
     n_map = B * h * w
     if rows.numel() >= n_map:

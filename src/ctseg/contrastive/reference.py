@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ctseg.contrastive.config import CTConfig, GroupResult
-from ctseg.contrastive.heads import project_rows
+from ctseg.contrastive.heads import project_rows, unit_rows
 from ctseg.contrastive.losses import cl_pair_loss, info_nce
 from ctseg.contrastive.patches import StageGrid
 from ctseg.utils.registry import Registry
@@ -391,7 +391,9 @@ def reference_groups(
     if projected:
         # No list of the stages' projections survives the concatenation (it would double them), and
         # the concatenation is handed over to the loss kind, which frees it after its gathers.
-        handoff = [torch.cat([project_rows(head, f, rows) for head, f, rows in projected])]
+        raw = torch.cat([project_rows(head, f, rows, normalized=False) for head, f, rows in projected])
+        handoff = [unit_rows(raw)]  # normalised once for all stages: 5 operators instead of 5 per stage
+        del raw
         values = values.index_put((sent[h_slot],), kind.evaluate(handoff, plan, sent, cfg))
     loss = values.view(G, S * K * T).sum(-1) * sent[h_scale]
     # An exact zero that depends on every head no term used (DDP then sees no unused parameter) and,
