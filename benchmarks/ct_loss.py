@@ -13,7 +13,8 @@ Inputs: real Dubai label crops of 512² from ../shared/data (5 classes, Unlabele
 random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/32.
 
 * ``--part loss``: forward + backward of ``PatchContrastiveLoss`` alone on random features that require
-  grad (``clip=None``, so the gradient always flows), for paper/reference × CL/InfoNCE.
+  grad (``clip=None``, so the gradient always flows), for paper/reference × CL/InfoNCE: time, and the
+  peak memory above what was allocated before (CUDA ``max_memory_allocated``; CPU live tensor bytes).
 * ``--part launches``: what one forward + backward of the eager loss dispatches (B = first ``--batch``):
   top-level ATen operators (all, and those that compute: not views or metadata) and, on CUDA, the
   device kernels and copies. On a GPU the eager loss is bound by the host's launch cost, so these
@@ -52,6 +53,7 @@ from PIL import Image
 from cpu_memory import LiveTensorBytes
 from ctseg.contrastive import PatchContrastiveLoss
 from ctseg.utils.io import atomic_write_json
+from ctseg.utils.opcount import FloatOpCounter
 
 REPO = Path(__file__).resolve().parents[1]
 DUBAI = (
@@ -198,6 +200,12 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
             step(v)
             torch.cuda.synchronize()
             out[v]["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    else:  # the CPU allocator's live tensor bytes (cpu_memory.py) above those before the call
+        for v in variants:
+            with LiveTensorBytes() as meter:
+                with meter.window():
+                    step(v)
+            out[v]["peak_extra_gib"] = (meter.peak_bytes - meter.start_bytes) / 2**30
     return out
 
 
@@ -217,7 +225,9 @@ VIEW_OPS = frozenset(
 def count_launches(batch: int, device: torch.device) -> dict[str, dict[str, int]]:
     """Per eager variant, what one forward + backward of the loss alone dispatches (after a warm-up):
     ``ops`` top-level ATen operators (called from Python or autograd, not from inside another
-    operator), ``compute_ops`` those not in :data:`VIEW_OPS`, and on CUDA ``device_kernels``, the
+    operator), ``compute_ops`` those not in :data:`VIEW_OPS`, ``float_ops`` the operators on float
+    tensors (the loss's math: on CUDA device work; the reference mode's index planning on host
+    tensors is in ``compute_ops`` but not here), and on CUDA ``device_kernels``, the
     kernels, copies and fills the device ran. The input check is off, as by default on CUDA."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -248,7 +258,10 @@ def count_launches(batch: int, device: torch.device) -> dict[str, dict[str, int]
             if parent is None:
                 ops += 1
                 compute += e.name not in VIEW_OPS
-        out[v] = {"ops": ops, "compute_ops": compute}
+        with FloatOpCounter() as floats:  # the math alone (no host index planning)
+            loss, _ = ct(feats, mask)
+            loss.backward()
+        out[v] = {"ops": ops, "compute_ops": compute, "float_ops": floats.count}
         if device.type == "cuda":
             out[v]["device_kernels"] = kernels
     return out
@@ -541,7 +554,10 @@ def main() -> None:
         print(f"\nCT loss alone, one forward + backward, B={args.batch[0]}, {SIZE}², {device}: dispatched")
         for v, r in res.items():
             kernels = f"   device kernels {r['device_kernels']:5d}" if "device_kernels" in r else ""
-            print(f"  {v:18s} ATen ops {r['ops']:5d}   of which compute {r['compute_ops']:5d}{kernels}")
+            print(
+                f"  {v:18s} ATen ops {r['ops']:5d}   of which compute {r['compute_ops']:5d}"
+                f"   on float tensors {r['float_ops']:4d}{kernels}"
+            )
     if args.part in ("step", "all"):
         res = bench_step(args.repeats, device, args.step_batch, args.warmup, args.memory_steps, args.extra)
         results[f"step_B{args.step_batch}"] = res

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ctseg.contrastive.heads import ProjectionHead, build_heads, project_stages, take_rows, unit_rows
+from ctseg.contrastive.heads import (
+    ProjectionHead,
+    build_heads,
+    project_rows,
+    project_stages,
+    take_rows,
+    unit_rows,
+)
 
 CHANNELS = (16, 32, 64, 128)
 
@@ -205,3 +212,23 @@ def test_rows_gradient_holds_no_map_sized_buffer_until_the_decoder_gradient_arri
     map_bytes = 8 * 64 * 32 * 32 * 4
     assert _live_bytes_at_probe(_index, gathers) > map_bytes * 3 // 4  # the control: it is seen
     assert _live_bytes_at_probe(take_rows, gathers) < map_bytes // 8
+
+
+@pytest.mark.parametrize("whole_map", [False, True])
+def test_unnormalized_rows_normalised_later_equal_the_head(whole_map):
+    """``project_rows(normalized=False)`` leaves the L2 normalisation to the caller (the reference mode
+    normalises all stages' rows at once); other heads normalise anyway."""
+    torch.manual_seed(0)
+    head = ProjectionHead(16, 8)
+    feature = torch.randn(2, 16, 4, 4)
+    rows = torch.arange(32) if whole_map else torch.tensor([3, 17, 5, 30])
+    raw = project_rows(head, feature, rows, normalized=False)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(rows)))
+    torch.testing.assert_close(unit_rows(raw), project_rows(head, feature, rows), rtol=1e-6, atol=1e-6)
+
+    class Custom(nn.Module):
+        def forward(self, x):
+            return unit_rows(x[:, :8])
+
+    custom = project_rows(Custom(), feature, rows, normalized=False)
+    torch.testing.assert_close(custom, project_rows(Custom(), feature, rows))
