@@ -202,9 +202,8 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
             out[v]["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     else:  # the CPU allocator's live tensor bytes (cpu_memory.py) above those before the call
         for v in variants:
-            with LiveTensorBytes() as meter:
-                with meter.window():
-                    step(v)
+            with LiveTensorBytes() as meter, meter.window():
+                step(v)
             out[v]["peak_extra_gib"] = (meter.peak_bytes - meter.start_bytes) / 2**30
     return out
 
