@@ -16,6 +16,7 @@ import torch
 from ctseg.contrastive import PatchContrastiveLoss
 from ctseg.contrastive import loss as loss_module
 from ctseg.contrastive.reference import HostCounts, _Upload
+from ctseg.errors import ConfigError
 from ctseg.utils.opcount import FloatOpCounter
 from tests.contrastive.helpers import CHANNELS, blocky_mask, stage_features
 from tests.contrastive.oracle import oracle_loss
@@ -127,6 +128,16 @@ def test_prefetch_is_ignored_unless_the_forward_gets_that_very_mask(monkeypatch)
     fn.prefetch(mask)
     fn(small_feats, small_mask)  # other grids: the prefetch is not used either
     assert fn._prefetched is None
+
+
+def test_prefetch_of_a_bad_mask_leaves_the_error_to_the_forward():
+    fn = _reference()
+    feats, mask = _inputs()
+    fn(feats, mask)
+    fn.prefetch(mask.float())
+    assert fn._prefetched is None
+    with pytest.raises(ConfigError, match="mask must be a"):
+        fn(feats, mask.float())
 
 
 def test_prefetch_is_a_no_op_in_paper_mode_and_without_gradients():

@@ -509,8 +509,10 @@ class PatchContrastiveLoss(nn.Module):
         self._prefetched = None
         if self.cfg.mode != "reference" or not torch.is_grad_enabled():
             return
+        if mask.dim() != 3 or mask.dtype.is_floating_point or mask.dtype == torch.bool:
+            return  # the forward names what is wrong with it
         grids = self._grids_by_size.get(tuple(mask.shape[1:]))
-        if grids is None or mask.dim() != 3:
+        if grids is None:
             return
         with torch.autocast(device_type=mask.device.type, enabled=False):
             counts = patch_class_counts(mask, self.cfg.num_classes, grids)
