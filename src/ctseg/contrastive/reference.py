@@ -8,17 +8,20 @@ positives first, groups outer, then stages, classes ascending). After ``torch.ma
 value equals a loop implementation of §1.3.
 
 What differs from the authors' code is only the cost. The draws need the candidate counts on the host
-(one transfer of all stages' class counts), so the work is split in two:
+(one transfer of all stages' class counts, started before the model's forward by
+``PatchContrastiveLoss.prefetch``, :class:`HostCounts`), so the work is split in two:
 
-* a host plan (:func:`_draw_terms`, :func:`_place_rows` and the kind's ``plan``): per (group, stage, class) term, the rows it reads, as positions
-  into one projected batch; the lengths, pair counts and stats all follow from the sizes;
+* a host plan (:func:`_draw_terms`, :func:`_place_rows` and the kind's ``plan``): per (group, stage,
+  class) term, the rows it reads, as positions into one projected batch; the lengths, pair counts
+  and stats all follow from the sizes; sent to the device in one copy per dtype (:class:`_Upload`);
 * one device pass over all terms of all groups and stages (:data:`REFERENCE_TERMS`): the projection
   runs once on each distinct row some term reads (same values, same gradients; on Dubai 512² crops
   ≈ 80 % of the stage-0 rows, 65 % at stage 2), then each loss kind evaluates every term at once: CL
   as segment means over the concatenated pairs, InfoNCE on terms padded to the longest.
 
-So the device work is a few dozen operators whatever the number of terms (it was ≈ 1550 with one
-small computation per term, which on a GPU cost more than the model's step; docs/benchmarks.md).
+So the device work does not grow with the number of terms: ≈ 200 operators on float tensors per
+forward + backward at B = 8 (≈ 1200 when each term had its own, which on a GPU cost more than the
+model's step; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -374,8 +377,8 @@ def reference_groups(
     if terms:
         at = torch.tensor([[t.group, t.stage, t.c] for t in terms]).T
         rows = zip(terms, plan.term_active, plan.pairs, strict=True)
-        values = torch.tensor([[t.n_pos, t.n_neg, n, *act] for t, act, n in rows], dtype=torch.float32)
-        stats[:, at[0], at[1], at[2]] = values.T
+        per_term = torch.tensor([[t.n_pos, t.n_neg, n, *act] for t, act, n in rows], dtype=torch.float32)
+        stats[:, at[0], at[1], at[2]] = per_term.T
     per_group = 1.0 / (S * present.sum(-1).clamp(min=1).float())  # the reference's / S / classes
     h_stats, h_present, h_scale = (upload.add(t) for t in (stats, present.float(), per_group))
     slot = [((terms[j].group * S + terms[j].stage) * K + terms[j].c) * T + t for j, t in plan.slots]
@@ -391,9 +394,9 @@ def reference_groups(
     if projected:
         # No list of the stages' projections survives the concatenation (it would double them), and
         # the concatenation is handed over to the loss kind, which frees it after its gathers.
+        # Normalised once for all stages: 5 operators instead of 5 per stage.
         raw = torch.cat([project_rows(head, f, rows, normalized=False) for head, f, rows in projected])
-        handoff = [unit_rows(raw)]  # normalised once for all stages: 5 operators instead of 5 per stage
-        del raw
+        handoff = [unit_rows(raw)]
         values = values.index_put((sent[h_slot],), kind.evaluate(handoff, plan, sent, cfg))
     loss = values.view(G, S * K * T).sum(-1) * sent[h_scale]
     # An exact zero that depends on every head no term used (DDP then sees no unused parameter) and,
