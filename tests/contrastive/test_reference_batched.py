@@ -49,24 +49,37 @@ def test_loss_math_does_not_grow_with_the_number_of_terms(loss):
     assert many <= 240
 
 
-def test_upload_sends_one_buffer_per_dtype_and_keeps_shapes():
+def test_upload_packs_one_buffer_per_dtype_and_keeps_shapes():
+    """What the device pass reads goes in one copy per dtype (on CUDA; on CPU the tensors stay)."""
     upload = _Upload()
     parts = [torch.arange(6).view(2, 3), torch.tensor([0.5, 1.5]), torch.arange(4) * 7, torch.ones(2, 2)]
     handles = [upload.add(p) for p in parts]
-    sent = upload.send(torch.device("cpu"))
+    packed = upload.packed(torch.device("cpu"), pin=False)
     for h, p in zip(handles, parts, strict=True):
-        assert torch.equal(sent[h], p) and sent[h].dtype == p.dtype
+        assert torch.equal(packed[h], p) and packed[h].dtype == p.dtype and packed[h].shape == p.shape
+    storage = [packed[h].untyped_storage().data_ptr() for h in handles]
+    assert storage[0] == storage[2] and storage[1] == storage[3] and storage[0] != storage[1]
+    assert all(upload.send(torch.device("cpu"))[h] is p for h, p in zip(handles, parts, strict=True))
 
 
-@pytest.mark.parametrize(("max_count", "dtype"), [(1024, torch.int32), (40000, torch.int32)])
-def test_host_counts_round_trip(max_count, dtype):
+@pytest.mark.parametrize(
+    ("max_count", "wire"), [(1024, torch.int16), (32767, torch.int16), (40000, torch.int32)]
+)
+def test_host_counts_travel_in_the_narrowest_type_and_round_trip(max_count, wire):
+    """On CUDA the counts are copied as ``wire`` (int16 for patches of up to 181² pixels); on CPU they
+    are used as they are. The asynchronous CUDA copy is checked by the GPU prefetch test."""
+    assert HostCounts.wire_dtype(max_count) == wire
     counts = [
-        torch.randint(0, max_count + 1, (2, 3, 8, 8), dtype=dtype),
-        torch.randint(0, 5, (2, 3, 4, 4), dtype=dtype),
+        torch.randint(0, max_count + 1, (2, 3, 8, 8), dtype=torch.int32),
+        torch.randint(0, 5, (2, 3, 4, 4)),
     ]
     host = HostCounts(counts, max_count).get()
     assert [tuple(h.shape) for h in host] == [(2, 3, 8, 8), (2, 3, 4, 4)]
-    assert all(torch.equal(h.long(), c.long()) for h, c in zip(host, counts, strict=True))
+    assert all(torch.equal(h, c) for h, c in zip(host, counts, strict=True))
+    assert torch.equal(
+        torch.cat([c.reshape(-1) for c in counts]).to(wire).long(),
+        torch.cat([c.reshape(-1) for c in counts]).long(),
+    )
 
 
 def _reference(loss: str = "cl", **kw) -> PatchContrastiveLoss:

@@ -77,7 +77,7 @@ class HostCounts:
         if not counts[0].is_cuda:  # CPU: the counts themselves; another device: a plain copy
             self._counts = [c.cpu() for c in counts]
             return
-        dtype = torch.int16 if max_count <= torch.iinfo(torch.int16).max else torch.int32
+        dtype = self.wire_dtype(max_count)
         flat = torch.cat([c.reshape(-1) for c in counts]).to(dtype)
         pinned = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
         pinned.copy_(flat, non_blocking=True)
@@ -85,6 +85,11 @@ class HostCounts:
         self._ready.record()
         sizes = [math.prod(s) for s in self.shapes]
         self._counts = [part.view(s) for part, s in zip(pinned.split(sizes), self.shapes, strict=True)]
+
+    @staticmethod
+    def wire_dtype(max_count: int) -> torch.dtype:
+        """The narrowest integer type the copy can use for counts up to ``max_count``."""
+        return torch.int16 if max_count <= torch.iinfo(torch.int16).max else torch.int32
 
     def get(self) -> list[torch.Tensor]:
         """Per stage the counts on the host ``(B, K, h_s, w_s)`` (waits for the copy on CUDA)."""
@@ -107,15 +112,20 @@ class _Upload:
 
     def send(self, device: torch.device) -> list[torch.Tensor]:
         """All registered tensors on ``device``, same shapes and order (views of one buffer per dtype)."""
+        if device.type == "cpu":  # already there
+            return list(self._tensors)
+        return self.packed(device, pin=device.type == "cuda")
+
+    def packed(self, device: torch.device, pin: bool) -> list[torch.Tensor]:
+        """The registered tensors as views of one flat buffer per dtype on ``device`` (``pin``: the
+        host buffers in pinned memory, for an asynchronous copy)."""
         out: list[torch.Tensor] = list(self._tensors)
-        if device.type == "cpu":
-            return out
         by_dtype: dict[torch.dtype, list[int]] = {}
         for k, t in enumerate(self._tensors):
             by_dtype.setdefault(t.dtype, []).append(k)
         for dtype, ks in by_dtype.items():
             sizes = [self._tensors[k].numel() for k in ks]
-            flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+            flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin)
             torch.cat([self._tensors[k].reshape(-1) for k in ks], out=flat)
             flat = flat.to(device, non_blocking=True)
             for k, part in zip(ks, flat.split(sizes), strict=True):
