@@ -22,11 +22,11 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
 * ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
   each CT variant; the step calls ``ct.prefetch(masks)`` before the forward, as ``ctseg fit`` does
-  (reference mode; ``reference-cl-prefetch`` on CUDA leaves it out). Times are medians of ``--repeats`` steps, configurations interleaved round-robin
-  in one process (so machine noise hits all alike); also the *paired* ratio, the median over rounds of
-  (config's step / baseline's step of the same round) − 1, with its quartiles, which a drift of the
-  machine between rounds does not move. Peak memory, in a fresh subprocess per
-  configuration: on CUDA ``max_memory_allocated`` and ``max_memory_reserved``; on CPU the peak of live tensor bytes from the CPU allocator's events (``cpu_memory.py``), in a fresh
+  (reference mode; ``reference-cl-prefetch`` on CUDA leaves it out). Times are medians of
+  ``--repeats`` steps, configurations interleaved round-robin in one process (so machine noise hits
+  all alike); also the *paired* ratio, the median over rounds of (config's step / baseline's step of
+  the same round) − 1, with its quartiles, which a drift of the machine between rounds does not move.
+  Peak memory, in a fresh subprocess per configuration: on CUDA ``max_memory_allocated`` and ``max_memory_reserved``; on CPU the peak of live tensor bytes from the CPU allocator's events (``cpu_memory.py``), in a fresh
   subprocess per configuration (``--warmup`` then ``--memory-steps`` steps), with that process's peak
   RSS (VmHWM, reset after the warm-up) as a secondary, noisy column.
 """
@@ -53,6 +53,7 @@ from PIL import Image
 from cpu_memory import LiveTensorBytes
 from ctseg.contrastive import PatchContrastiveLoss
 from ctseg.utils.io import atomic_write_json
+from ctseg.utils.opcount import VIEW_OPS as NO_KERNEL_OPS
 from ctseg.utils.opcount import FloatOpCounter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,16 +210,8 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
 
 
 # --------------------------------------------------------------------------- launches
-# ATen operators that only make a view or read metadata: no kernel, a few µs of host time each.
-VIEW_OPS = frozenset(
-    f"aten::{name}"
-    for name in (
-        "alias", "as_strided", "chunk", "detach", "expand", "expand_as", "flatten", "lift_fresh", "narrow",
-        "permute", "reshape", "resolve_conj", "resolve_neg", "select", "slice", "split", "squeeze", "t",
-        "transpose", "unbind", "unflatten", "unsqueeze", "view", "view_as", "_reshape_alias", "_unsafe_view",
-        "empty", "empty_like", "empty_strided", "is_nonzero", "item", "_local_scalar_dense", "size", "stride",
-    )
-)  # fmt: skip
+# The profiler's names of the operators without a kernel (views, allocations, metadata).
+VIEW_OPS = frozenset(f"aten::{name}" for name in NO_KERNEL_OPS)
 
 
 def count_launches(batch: int, device: torch.device) -> dict[str, dict[str, int]]:

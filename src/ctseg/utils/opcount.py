@@ -12,10 +12,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# Operators that only make a view or a detached alias: no kernel.
+# ATen operators that only make a view, allocate or read metadata: no kernel, a few µs of host time
+# each (the same names as the profiler's ``aten::…`` events).
 VIEW_OPS = frozenset(
-    {"view", "_unsafe_view", "alias", "as_strided", "slice", "select", "expand", "t", "transpose",
-     "permute", "unsqueeze", "squeeze", "detach", "split", "split_with_sizes", "unbind", "reshape"}
+    {"alias", "as_strided", "chunk", "detach", "expand", "expand_as", "flatten", "lift_fresh", "narrow",
+     "permute", "reshape", "resolve_conj", "resolve_neg", "select", "slice", "split", "split_with_sizes",
+     "squeeze", "t", "transpose", "unbind", "unflatten", "unsqueeze", "view", "view_as", "_reshape_alias",
+     "_unsafe_view", "empty", "empty_like", "empty_strided", "is_nonzero", "item", "_local_scalar_dense",
+     "size", "stride"}
 )  # fmt: skip
 
 
