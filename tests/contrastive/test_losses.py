@@ -73,3 +73,19 @@ def test_clamp_zero_gradient_above_clip_and_scale_keeps_it():
     y = CLIP_MODES["scale"](x, 1.0)
     y.backward()
     assert y.item() == pytest.approx(1.0) and x.grad.item() == pytest.approx(1.0 / 1.3)
+
+
+def test_info_nce_query_without_valid_negatives_has_finite_gradients():
+    """info_nce takes softplus(logsumexp(negatives) − positive): a row whose negatives are all masked
+    has logsumexp = −inf, whose backward is NaN at the masked entries; the in-place mask's backward
+    zeroes exactly those, so such a query gives 0 and finite gradients (as the concatenated-logits
+    form did)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, n = (torch.randn(2, 3, 4, generator=g).requires_grad_() for _ in range(3))
+    q_valid = torch.ones(2, 3, dtype=torch.bool)
+    n_valid = torch.tensor([[True, False, True], [False, False, False]])
+    out = info_nce(q, k, q_valid, n, n_valid)
+    out.sum().backward()
+    assert out[1].item() == 0.0 and torch.isfinite(out[0])
+    for x in (q, k, n):
+        assert torch.isfinite(x.grad).all()

@@ -26,7 +26,6 @@ model's step; docs/benchmarks.md).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -72,7 +71,6 @@ class HostCounts:
     """
 
     def __init__(self, counts: Sequence[torch.Tensor], max_count: int) -> None:
-        self.shapes = [tuple(c.shape) for c in counts]
         self._ready: torch.cuda.Event | None = None
         if not counts[0].is_cuda:  # CPU: the counts themselves; another device: a plain copy
             self._counts = [c.cpu() for c in counts]
@@ -83,8 +81,8 @@ class HostCounts:
         pinned.copy_(flat, non_blocking=True)
         self._ready = torch.cuda.Event()
         self._ready.record()
-        sizes = [math.prod(s) for s in self.shapes]
-        self._counts = [part.view(s) for part, s in zip(pinned.split(sizes), self.shapes, strict=True)]
+        parts = pinned.split([c.numel() for c in counts])
+        self._counts = [part.view(c.shape) for part, c in zip(parts, counts, strict=True)]
 
     @staticmethod
     def wire_dtype(max_count: int) -> torch.dtype:
