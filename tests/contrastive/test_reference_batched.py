@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -54,7 +55,8 @@ def test_upload_packs_one_buffer_per_dtype_and_keeps_shapes():
     upload = _Upload()
     parts = [torch.arange(6).view(2, 3), torch.tensor([0.5, 1.5]), torch.arange(4) * 7, torch.ones(2, 2)]
     handles = [upload.add(p) for p in parts]
-    packed = upload.packed(torch.device("cpu"), pin=False)
+    upload.pack(pin=False)
+    packed = upload.packed_views()
     for h, p in zip(handles, parts, strict=True):
         assert torch.equal(packed[h], p) and packed[h].dtype == p.dtype and packed[h].shape == p.shape
     storage = [packed[h].untyped_storage().data_ptr() for h in handles]
@@ -195,3 +197,76 @@ def test_groups_are_evaluated_together_and_match_one_by_one():
     ]
     assert together.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5, abs=1e-6)
     assert stats["loss_raw"] == pytest.approx(together.item(), rel=1e-6)
+
+
+def _plan_threads(monkeypatch) -> list[str]:
+    """Names of the threads on which reference plans are made (recorded from now on)."""
+    names: list[str] = []
+    real = loss_module.plan_reference
+
+    def spy(*args, **kwargs):
+        names.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "plan_reference", spy)
+    return names
+
+
+@pytest.mark.parametrize("loss", ["cl", "infonce"])
+def test_prefetch_plans_on_its_thread_and_advances_the_generator_as_the_draws_would(loss, monkeypatch):
+    fn = _reference(loss)
+    feats, mask = _inputs()
+    fn(feats, mask)
+    threads = _plan_threads(monkeypatch)
+    after = {}
+    for prefetch in (False, True):
+        torch.manual_seed(11)
+        if prefetch:
+            fn.prefetch(mask)
+        value, _ = fn(feats, mask)
+        after[prefetch] = (value, torch.get_rng_state(), torch.rand(4))
+    assert threads[0] == threading.current_thread().name and threads[1].startswith("ctseg-ct-plan")
+    assert torch.equal(after[False][0], after[True][0])
+    assert torch.equal(after[False][1], after[True][1])  # the global generator ends where it would
+    assert torch.equal(after[False][2], after[True][2])  # so the draws after the loss are the same
+
+
+def test_prefetch_draws_again_when_something_drew_since(monkeypatch):
+    """Between prefetch and forward, dropout in a CPU forward (here: torch.rand) takes numbers from the
+    global generator: the thread's draws are then not the ones due, and the forward draws afresh."""
+    fn = _reference()
+    feats, mask = _inputs()
+    fn(feats, mask)
+    threads = _plan_threads(monkeypatch)
+    torch.manual_seed(12)
+    fn.prefetch(mask)
+    noise = torch.rand(3)
+    got, _ = fn(feats, mask)
+    assert threads[-1] == threading.current_thread().name  # planned again, here
+    torch.manual_seed(12)
+    assert torch.equal(torch.rand(3), noise)
+    want = oracle_loss(fn.heads, feats, mask, ignore_index=6)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+def test_planner_thread_is_made_afresh_after_a_fork(monkeypatch):
+    """A forked child (e.g. a DDP process started with fork) inherits no threads: it gets its own."""
+    ours = loss_module._planner()
+    assert loss_module._planner() is ours
+    monkeypatch.setattr(loss_module, "_PLANNER", (-1, ours))  # as seen from a child: another pid
+    fresh = loss_module._planner()
+    assert fresh is not ours and fresh.submit(lambda: 7).result(timeout=10) == 7
+
+
+def test_a_failing_plan_is_raised_by_the_forward(monkeypatch):
+    fn = _reference()
+    feats, mask = _inputs()
+    fn(feats, mask)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plan failed")
+
+    monkeypatch.setattr(loss_module, "plan_reference", broken)
+    fn.prefetch(mask)
+    with pytest.raises(RuntimeError, match="plan failed"):
+        fn(feats, mask)

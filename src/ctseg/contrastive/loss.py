@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from ctseg.contrastive.graphs import GraphCache
 from ctseg.contrastive.heads import build_heads
 from ctseg.contrastive.paper import gather_sampled_rows, group_bounds, paper_results, sample_rows
 from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means, stage_grids
-from ctseg.contrastive.reference import HostCounts, reference_groups
+from ctseg.contrastive.reference import HostCounts, ReferencePlan, evaluate_reference, plan_reference
 from ctseg.contrastive.sampling import SAMPLERS
 from ctseg.contrastive.stats import CTStats
 from ctseg.contrastive.terms import PAPER_TERMS
@@ -36,23 +38,75 @@ def _run_paper(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf, prefet
 
 
 def _run_reference(loss_fn: PatchContrastiveLoss, feats, counts, grids, conf, prefetched) -> GroupResult:
-    host = prefetched.host if prefetched is not None else _host_counts(counts, grids)
-    bounds = group_bounds(counts[0].shape[0], loss_fn.group_size)
-    return reference_groups(loss_fn.cfg, loss_fn.heads, feats, host, grids, bounds)
+    if prefetched is not None:
+        plan = prefetched.take(loss_fn.cfg)
+    else:
+        bounds = group_bounds(feats[0].shape[0], loss_fn.group_size)
+        host = _host_counts(counts, grids).get()
+        plan = plan_reference(loss_fn.cfg, host, grids, bounds, pin=feats[0].is_cuda)
+    return evaluate_reference(loss_fn.cfg, loss_fn.heads, feats, plan)
 
 
 def _host_counts(counts: Sequence[torch.Tensor], grids: Sequence[StageGrid]) -> HostCounts:
     return HostCounts(counts, max(g.patch_pixels for g in grids))
 
 
+# The thread that makes the reference mode's host plans (draws included) while the caller queues the
+# model's forward; one per process (a forked child makes its own: threads do not survive a fork).
+_PLANNER: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _planner() -> ThreadPoolExecutor:
+    global _PLANNER
+    if _PLANNER is None or _PLANNER[0] != os.getpid():
+        _PLANNER = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-ct-plan"))
+    return _PLANNER[1]
+
+
+def _plan_on_copy(
+    cfg: CTConfig,
+    host_counts: Callable[[], list[torch.Tensor]],
+    grids: list[StageGrid],
+    bounds: list[tuple[int, int]],
+    rng_state: torch.Tensor,
+    pin: bool,
+) -> tuple[list[torch.Tensor], ReferencePlan, torch.Tensor]:
+    """The planner thread's job: the host counts, the plan drawn from a generator in ``rng_state``,
+    and that generator's state after the draws."""
+    counts = host_counts()
+    generator = torch.Generator()
+    generator.set_state(rng_state)
+    plan = plan_reference(cfg, counts, grids, bounds, generator, pin)
+    return counts, plan, generator.get_state()
+
+
 @dataclasses.dataclass
 class _Prefetched:
-    """What :meth:`PatchContrastiveLoss.prefetch` computed from a mask before the model's forward."""
+    """What :meth:`PatchContrastiveLoss.prefetch` started for one mask before the model's forward.
+
+    ``planned`` is the planner thread's result: the host counts, the reference plan (draws made from
+    a copy of the global CPU generator in ``rng_state``) and that copy's state after the draws.
+    ``counts`` are the device counts where the prefetch computed them (None: counted on the host);
+    ``host_mask`` the host copy of the labels the caller gave, if any.
+    """
 
     mask: torch.Tensor
     grids: list[StageGrid]
-    counts: list[torch.Tensor]
-    host: HostCounts
+    bounds: list[tuple[int, int]]
+    rng_state: torch.Tensor
+    planned: Future[tuple[list[torch.Tensor], ReferencePlan, torch.Tensor]]
+    counts: list[torch.Tensor] | None
+    host_mask: torch.Tensor | None
+
+    def take(self, cfg: CTConfig) -> ReferencePlan:
+        """The plan, as if drawn now from the global CPU generator, which it then advances as those
+        draws would have. If anything drew from that generator since the prefetch (e.g. dropout in a
+        forward on the CPU), the thread's draws are not the ones due now: they are made again here."""
+        counts, plan, rng_after = self.planned.result()
+        if torch.equal(torch.get_rng_state(), self.rng_state):
+            torch.set_rng_state(rng_after)
+            return plan
+        return plan_reference(cfg, counts, self.grids, self.bounds, pin=self.mask.is_cuda)
 
 
 # A mode maps the used stage features, the class counts, the grids, the per-patch confidence and what
@@ -341,7 +395,7 @@ class PatchContrastiveLoss(nn.Module):
         state = self.__dict__.copy()
         state["_compiled_compute"] = None  # compiled code does not pickle; recompiled on first use
         state["_graphs"] = GraphCache()  # nor do CUDA graphs; recorded again on first use
-        state["_prefetched"] = None  # holds a CUDA event and a batch's mask
+        state["_prefetched"] = None  # holds a future of the planner thread and a batch's mask
         return state
 
     # ------------------------------------------------------------------ input checks
@@ -476,9 +530,12 @@ class PatchContrastiveLoss(nn.Module):
         # Only the reference mode prefetches (and it is never compiled: no state to trace here).
         prefetched = self._take_prefetched(mask, grids) if self.cfg.mode == "reference" else None
         with torch.autocast(device_type=mask.device.type, enabled=False):
-            if prefetched is not None:
-                counts = prefetched.counts
-            else:
+            counts = None if prefetched is None else prefetched.counts
+            if prefetched is not None and check:
+                self._check_host_mask(prefetched, mask)
+                if counts is None and mask.device.type == "cpu":
+                    counts = prefetched.planned.result()[0]  # counted on the host: this very mask
+            if counts is None and (prefetched is None or check):
                 counts = patch_class_counts(mask, self.cfg.num_classes, grids)
             flags = self._input_flags(features, mask, counts[0]) if check else None
             if flags is not None and self.cfg.mode == "reference":  # it syncs anyway: fail before any work
@@ -490,18 +547,28 @@ class PatchContrastiveLoss(nn.Module):
         return loss, packed, flags
 
     # ------------------------------------------------------------------ prefetch
-    def prefetch(self, mask: torch.Tensor) -> None:
+    def prefetch(self, mask: torch.Tensor, host_mask: torch.Tensor | None = None) -> None:
         """Start, before the model's forward, the part of the loss that needs only ``mask`` ``(B, H, W)``.
 
-        For ``mode="reference"``: the patch class counts and their copy to the host, whose sizes the
-        reference's CPU draws need. Called before the forward is queued, the copy is ready when the
-        loss runs, so on a GPU the loss does not wait for the forward to finish and its draws overlap
-        it. The next ``forward`` with this very ``mask`` tensor uses the result; any other call
-        ignores it. Same values either way. ``ctseg fit`` calls it; in your own loop::
+        For ``mode="reference"``: its host plan, i.e. the patch class counts, the reference's CPU draws
+        (whose sizes are those counts) and the rows and pairs they select, made on a background thread
+        while the caller queues the forward. The next ``forward`` with this very ``mask`` tensor uses
+        it; any other call ignores it. Same values either way: the draws come from a copy of the global
+        CPU generator, which the forward then advances as the draws would have (and if something else
+        drew from it in between, such as dropout in a CPU forward, the forward draws again itself).
 
-            loss_fn.prefetch(mask)                       # before the forward
+        Args:
+            mask: the labels the forward will get (on the features' device).
+            host_mask: the same labels on the CPU, e.g. the batch before its transfer to the GPU (what
+                ``ctseg fit`` passes). The counts are then made on the host and the plan never waits
+                for the device; without it, the counts are computed on the device and copied to the
+                host (the planner thread waits for that copy alone, not for the forward).
+
+        ``ctseg fit`` calls it; in your own loop::
+
+            loss_fn.prefetch(mask.to(device), host_mask=mask)   # before the forward
             logits, features = model(images)
-            ct, stats = loss_fn(features, mask)
+            ct, stats = loss_fn(features, mask.to(device))      # the very tensor given to prefetch
 
         Needs the feature sizes, so it takes effect from the second call with a mask of this size.
         A no-op in paper mode (which never waits for the device) and without gradients.
@@ -514,9 +581,38 @@ class PatchContrastiveLoss(nn.Module):
         grids = self._grids_by_size.get(tuple(mask.shape[1:]))
         if grids is None:
             return
-        with torch.autocast(device_type=mask.device.type, enabled=False):
-            counts = patch_class_counts(mask, self.cfg.num_classes, grids)
-        self._prefetched = _Prefetched(mask, grids, counts, _host_counts(counts, grids))
+        if mask.device.type == "cpu":
+            host_mask = None  # the mask is on the host already
+        elif host_mask is not None and (
+            host_mask.device.type != "cpu" or host_mask.shape != mask.shape or host_mask.dtype != mask.dtype
+        ):
+            raise ConfigError(
+                f"CT prefetch: host_mask must be the mask's labels on the CPU, {tuple(mask.shape)} "
+                f"{mask.dtype}; got {tuple(host_mask.shape)} {host_mask.dtype} on {host_mask.device}"
+            )
+        counts: list[torch.Tensor] | None = None
+        if mask.device.type == "cpu" or host_mask is not None:
+            labels = mask if host_mask is None else host_mask
+            host_counts = functools.partial(patch_class_counts, labels, self.cfg.num_classes, grids)
+        else:
+            with torch.autocast(device_type=mask.device.type, enabled=False):
+                counts = patch_class_counts(mask, self.cfg.num_classes, grids)
+            host_counts = _host_counts(counts, grids).get
+        bounds = group_bounds(mask.shape[0], self.group_size)
+        rng_state = torch.get_rng_state()
+        planned = _planner().submit(
+            _plan_on_copy, self.cfg, host_counts, grids, bounds, rng_state, mask.is_cuda
+        )
+        self._prefetched = _Prefetched(mask, grids, bounds, rng_state, planned, counts, host_mask)
+
+    @staticmethod
+    def _check_host_mask(prefetched: _Prefetched, mask: torch.Tensor) -> None:
+        """With input checks on: the host labels given to prefetch must be the forward's labels."""
+        if prefetched.host_mask is not None and not torch.equal(prefetched.host_mask, mask.cpu()):
+            raise ConfigError(
+                "CT loss: the host_mask given to prefetch differs from the mask given to forward "
+                "(pass the host copy of the very labels of this batch)"
+            )
 
     def _take_prefetched(self, mask: torch.Tensor, grids: list[StageGrid]) -> _Prefetched | None:
         """The prefetch of this very mask with these grids (consumed), else None; remembers the grids."""

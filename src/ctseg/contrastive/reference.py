@@ -98,35 +98,56 @@ class HostCounts:
 
 class _Upload:
     """Host tensors the device pass reads, sent in one copy per dtype (pinned and asynchronous on
-    CUDA), so that the device work is queued behind one transfer instead of waiting on one per tensor."""
+    CUDA), so that the device work is queued behind one transfer instead of waiting on one per tensor.
+
+    :meth:`pack` (host work: it can run where the plan is made, e.g. beside the model's forward) lays
+    them out in one buffer per dtype; :meth:`send` copies those to the device.
+    """
 
     def __init__(self) -> None:
         self._tensors: list[torch.Tensor] = []
+        self._packed: list[tuple[torch.Tensor, list[int]]] | None = None  # per dtype: buffer, indices
 
     def add(self, tensor: torch.Tensor) -> int:
         """Register a CPU tensor; returns its index into :meth:`send`'s list."""
         self._tensors.append(tensor)
+        self._packed = None
         return len(self._tensors) - 1
 
-    def send(self, device: torch.device) -> list[torch.Tensor]:
-        """All registered tensors on ``device``, same shapes and order (views of one buffer per dtype)."""
-        if device.type == "cpu":  # already there
-            return list(self._tensors)
-        return self.packed(device, pin=device.type == "cuda")
-
-    def packed(self, device: torch.device, pin: bool) -> list[torch.Tensor]:
-        """The registered tensors as views of one flat buffer per dtype on ``device`` (``pin``: the
-        host buffers in pinned memory, for an asynchronous copy)."""
-        out: list[torch.Tensor] = list(self._tensors)
+    def pack(self, pin: bool) -> None:
+        """Lay the registered tensors out in one flat host buffer per dtype (``pin``: in pinned memory,
+        for an asynchronous copy to a CUDA device)."""
         by_dtype: dict[torch.dtype, list[int]] = {}
         for k, t in enumerate(self._tensors):
             by_dtype.setdefault(t.dtype, []).append(k)
+        self._packed = []
         for dtype, ks in by_dtype.items():
-            sizes = [self._tensors[k].numel() for k in ks]
-            flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin)
+            flat = torch.empty(sum(self._tensors[k].numel() for k in ks), dtype=dtype, pin_memory=pin)
             torch.cat([self._tensors[k].reshape(-1) for k in ks], out=flat)
-            flat = flat.to(device, non_blocking=True)
-            for k, part in zip(ks, flat.split(sizes), strict=True):
+            self._packed.append((flat, ks))
+
+    def send(self, device: torch.device) -> list[torch.Tensor]:
+        """All registered tensors on ``device``, same shapes and order (views of one buffer per dtype;
+        on the CPU the tensors themselves)."""
+        if device.type == "cpu":  # already there
+            return list(self._tensors)
+        if self._packed is None:
+            self.pack(pin=device.type == "cuda")
+        assert self._packed is not None
+        out: list[torch.Tensor] = list(self._tensors)
+        for flat, ks in self._packed:
+            on_device = flat.to(device, non_blocking=True)
+            parts = on_device.split([self._tensors[k].numel() for k in ks])
+            for k, part in zip(ks, parts, strict=True):
+                out[k] = part.view(self._tensors[k].shape)
+        return out
+
+    def packed_views(self) -> list[torch.Tensor]:
+        """The registered tensors as views of the packed host buffers (what :meth:`send` copies)."""
+        assert self._packed is not None, "pack() first"
+        out: list[torch.Tensor] = list(self._tensors)
+        for flat, ks in self._packed:
+            for k, part in zip(ks, flat.split([self._tensors[k].numel() for k in ks]), strict=True):
                 out[k] = part.view(self._tensors[k].shape)
         return out
 
@@ -150,20 +171,25 @@ class _KindPlan:
     sizes: dict[str, int] = field(default_factory=dict)
 
 
-def _permutations(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's two draws, positives first: permutations of the candidates' positions.
+def _permutations(
+    pos: torch.Tensor, neg: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's two draws, positives first: permutations of the candidates' positions
+    (``generator``: None for the global CPU generator, as the reference draws).
 
     A term reads only prefixes of the permuted candidates, so the caller gathers those prefixes
     (``pos[perm[:k]]``) rather than permuting all candidates (up to ~10⁵ negatives at stage 0).
     """
-    return torch.randperm(len(pos)), torch.randperm(len(neg))
+    return torch.randperm(len(pos), generator=generator), torch.randperm(len(neg), generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------- CL
-def _cl_segments(pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig) -> list[torch.Tensor]:
+def _cl_segments(
+    pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig, generator: torch.Generator | None
+) -> list[torch.Tensor]:
     """Reference CL: negative pairs ``(P[:kn], N[:kn])``, kn = int(min(n_pos, n_neg)·take_top);
     positive pairs ``(P[:kh], P[h:h+kh])``, h = n_pos // 2, kh = int(h·take_top), if n_pos ≥ 10."""
-    p, n = _permutations(pos, neg)
+    p, n = _permutations(pos, neg, generator)
     kn = int(min(len(pos), len(neg)) * cfg.take_top)
     segs = [pos[p[:kn]], neg[n[:kn]]]
     if len(pos) >= cfg.min_pair_positives:
@@ -215,10 +241,12 @@ def _cl_evaluate(
 
 
 # ------------------------------------------------------------------------------------------ InfoNCE
-def _infonce_segments(pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig) -> list[torch.Tensor]:
+def _infonce_segments(
+    pos: torch.Tensor, neg: torch.Tensor, cfg: CTConfig, generator: torch.Generator | None
+) -> list[torch.Tensor]:
     """Reference InfoNCE: m = min(n_pos, n_neg, 2000) zipped pairs ``(P[:m], N[:m])``; drawn even when
     one side has fewer than ``min_infonce`` rows, in which case there is no term (value 0)."""
-    p, n = _permutations(pos, neg)
+    p, n = _permutations(pos, neg, generator)
     if min(len(pos), len(neg)) < cfg.min_infonce:
         return []
     m = min(len(pos), len(neg), cfg.infonce_max_pairs)
@@ -269,7 +297,7 @@ class ReferenceKind:
     """A registered reference loss: the rows one term draws, the host plan and the device pass over
     all terms, and the number of sub-terms ``T`` per (stage, class)."""
 
-    segments: Callable[[torch.Tensor, torch.Tensor, CTConfig], list[torch.Tensor]]
+    segments: Callable[[torch.Tensor, torch.Tensor, CTConfig, torch.Generator | None], list[torch.Tensor]]
     plan: Callable[[Sequence[_Term], CTConfig, _Upload], _KindPlan]
     # Takes the projected rows of all stages ``(R, d)`` out of a one-element list, so that it holds the
     # only reference and can free them once it has gathered the rows it reads.
@@ -289,10 +317,12 @@ def _draw_terms(
     grids: Sequence[StageGrid],
     bounds: Sequence[tuple[int, int]],
     kind: ReferenceKind,
+    generator: torch.Generator | None,
 ) -> tuple[list[_Term], torch.Tensor]:
     """Every term with rows, drawn in the reference's order; and ``present`` ``(G, K)`` bool.
 
-    ``counts``: the stages' class counts on the host, ``(B, K, h_s, w_s)``.
+    ``counts``: the stages' class counts on the host, ``(B, K, h_s, w_s)``; ``generator``: where the
+    draws come from (None: the global CPU generator).
     """
     candidates = []  # per stage: pure (K, n) and free (K, n) patches of every class, n = B·h·w
     for cnt, grid in zip(counts, grids, strict=True):
@@ -314,7 +344,7 @@ def _draw_terms(
                 neg = torch.nonzero(free[c, lo:hi]).flatten()
                 if len(pos) < cfg.min_positives or len(neg) < cfg.min_negatives:
                     continue
-                segments = kind.segments(pos, neg, cfg)
+                segments = kind.segments(pos, neg, cfg, generator)
                 if segments:
                     terms.append(_Term(g, i, c, [seg + lo for seg in segments], len(pos), len(neg)))
     return terms, present
@@ -352,34 +382,49 @@ def _place_rows(terms: Sequence[_Term], grids: Sequence[StageGrid], batch: int) 
     return stage_rows
 
 
-# --------------------------------------------------------------------------------------------- loss
-def reference_groups(
+# --------------------------------------------------------------------------------------------- plan
+@dataclass
+class ReferencePlan:
+    """Everything the host decides for one call (draws included), ready to be sent to the device.
+
+    Made by :func:`plan_reference` (host work only, so it can run on another thread while the model's
+    forward is queued), evaluated by :func:`evaluate_reference`. ``stage_rows``, ``stats``, ``present``,
+    ``scale`` and ``slot`` are indices into ``upload``.
+    """
+
+    kind: ReferenceKind
+    num_groups: int
+    upload: _Upload
+    stage_rows: list[int | None]
+    plan: _KindPlan
+    stats: int
+    present: int
+    scale: int
+    slot: int | None
+
+
+def plan_reference(
     cfg: CTConfig,
-    heads: nn.ModuleList,
-    features: Sequence[torch.Tensor],
-    counts: HostCounts,
+    counts: Sequence[torch.Tensor],
     grids: Sequence[StageGrid],
     bounds: Sequence[tuple[int, int]],
-) -> GroupResult:
-    """CT loss of every group (each a data-parallel replica of the reference: images ``b0:b1`` of
-    ``bounds``), with a leading group dimension G on every field of the result.
+    generator: torch.Generator | None = None,
+    pin: bool = False,
+) -> ReferencePlan:
+    """The host plan of every group (images ``b0:b1`` of ``bounds``): the reference's draws, the rows
+    each stage projects, the pairs, the stats; packed for one copy per dtype.
 
     Args:
-        features: the used stage maps ``(B, C_s, h_s, w_s)``.
-        counts: their class counts, on their way to the host (the draws' sizes: the one host
-            synchronisation of this mode).
+        counts: the stages' class counts on the host, ``(B, K, h_s, w_s)``.
         grids: the stages' patch grids.
+        generator: where the draws come from (None: the global CPU generator, as the reference).
+        pin: pack into pinned memory (for a CUDA device).
     """
     kind = REFERENCE_TERMS[cfg.loss]
     G, S, K, T = len(bounds), len(cfg.stages), cfg.num_classes, kind.num_terms
-    device = features[0].device
-    terms, present = _draw_terms(cfg, counts.get(), grids, bounds, kind)
-
-    # Everything the device pass reads is planned here and sent in one copy per dtype.
+    terms, present = _draw_terms(cfg, counts, grids, bounds, kind, generator)
     upload = _Upload()
-    stage_rows = [
-        None if r is None else upload.add(r) for r in _place_rows(terms, grids, features[0].shape[0])
-    ]
+    stage_rows = [None if r is None else upload.add(r) for r in _place_rows(terms, grids, counts[0].shape[0])]
     plan = kind.plan(terms, cfg, upload) if terms else _KindPlan([], [], [])
     stats = torch.zeros(3 + T, G, S, K)  # positives, negatives, pairs, then term_active per sub-term
     if terms:
@@ -391,11 +436,27 @@ def reference_groups(
     h_stats, h_present, h_scale = (upload.add(t) for t in (stats, present.float(), per_group))
     slot = [((terms[j].group * S + terms[j].stage) * K + terms[j].c) * T + t for j, t in plan.slots]
     h_slot = upload.add(torch.tensor(slot, dtype=torch.long)) if slot else None
-    sent = upload.send(device)
+    if pin:
+        upload.pack(pin=True)
+    return ReferencePlan(kind, G, upload, stage_rows, plan, h_stats, h_present, h_scale, h_slot)
 
+
+# --------------------------------------------------------------------------------------------- loss
+def evaluate_reference(
+    cfg: CTConfig, heads: nn.ModuleList, features: Sequence[torch.Tensor], plan: ReferencePlan
+) -> GroupResult:
+    """CT loss of every group of ``plan`` (each a data-parallel replica of the reference), with a
+    leading group dimension G on every field of the result: one device pass over all terms.
+
+    Args:
+        features: the used stage maps ``(B, C_s, h_s, w_s)``.
+    """
+    kind, G, S, K, T = plan.kind, plan.num_groups, len(cfg.stages), cfg.num_classes, plan.kind.num_terms
+    device = features[0].device
+    sent = plan.upload.send(device)
     projected = [
         (heads[s], f, sent[h])
-        for s, f, h in zip(cfg.stages, features, stage_rows, strict=True)
+        for s, f, h in zip(cfg.stages, features, plan.stage_rows, strict=True)
         if h is not None
     ]
     values = torch.zeros(G * S * K * T, device=device)
@@ -405,14 +466,14 @@ def reference_groups(
         # Normalised once for all stages: 5 operators instead of 5 per stage.
         raw = torch.cat([project_rows(head, f, rows, normalized=False) for head, f, rows in projected])
         handoff = [unit_rows(raw)]
-        values = values.index_put((sent[h_slot],), kind.evaluate(handoff, plan, sent, cfg))
-    loss = values.view(G, S * K * T).sum(-1) * sent[h_scale]
+        values = values.index_put((sent[plan.slot],), kind.evaluate(handoff, plan.plan, sent, cfg))
+    loss = values.view(G, S * K * T).sum(-1) * sent[plan.scale]
     # An exact zero that depends on every head no term used (DDP then sees no unused parameter) and,
     # without any term, on the features (the loss stays attached to the graph). Paper mode needs none:
     # its fixed-shape sampling always projects rows of every stage.
     anchor = [
         p.reshape(-1)[:1].sum()
-        for s, h in zip(cfg.stages, stage_rows, strict=True)
+        for s, h in zip(cfg.stages, plan.stage_rows, strict=True)
         if h is None
         for p in heads[s].parameters()
     ]
@@ -420,7 +481,7 @@ def reference_groups(
         anchor += [f.reshape(-1)[:1].sum().float() for f in features]
     if anchor:
         loss = loss + torch.stack(anchor).sum() * 0.0
-    stats_dev = sent[h_stats]
+    stats_dev = sent[plan.stats]
     term_active = stats_dev[3:].permute(1, 2, 3, 0) > 0  # (G, S, K, T)
     return GroupResult(
         loss=loss,
@@ -430,5 +491,23 @@ def reference_groups(
         terms=values.detach().view(G, S, K, T),
         term_active=term_active,
         active=term_active.any(-1),
-        present=sent[h_present] > 0,
+        present=sent[plan.present] > 0,
     )
+
+
+def reference_groups(
+    cfg: CTConfig,
+    heads: nn.ModuleList,
+    features: Sequence[torch.Tensor],
+    counts: HostCounts,
+    grids: Sequence[StageGrid],
+    bounds: Sequence[tuple[int, int]],
+) -> GroupResult:
+    """Plan (drawing from the global CPU generator) and evaluate every group in one call.
+
+    Args:
+        counts: the class counts, on their way to the host (the draws' sizes: the one host
+            synchronisation of this mode).
+    """
+    plan = plan_reference(cfg, counts.get(), grids, bounds, pin=features[0].is_cuda)
+    return evaluate_reference(cfg, heads, features, plan)
