@@ -12,8 +12,11 @@ Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
    recorded.
 3. **Kernels**: CUDA kernels per forward + backward and their summed GPU time (torch.profiler),
    eager vs recorded.
-4. **Step**: a DCPoolFormer training step (B = 8, 512², fp32) without CT and with the recorded CL loss:
-   wall time and summed GPU kernel time per step (wall − kernel time = time the GPU waits for the host).
+4. **Step**: a DCPoolFormer training step (B = 8, 512², fp32) without CT, with the eager and the
+   recorded CL loss and with the reference CL loss (host labels given to ``prefetch``, or not): wall
+   time and summed GPU kernel time per step (wall − kernel time = time the GPU waits for the host);
+   for the reference mode the forward's wait for the planner thread and the host time of queueing
+   its device pass.
 5. **Snapshot**: after three such steps with the recorded loss, the caching allocator's memory by
    (pool, stream) and the largest blocks outside the default pool with the line that allocated them
    (what the graphs keep: static inputs and outputs, their private pool, side-stream caches).
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 import warnings
 from pathlib import Path
 
@@ -121,16 +125,53 @@ def kernels(device: torch.device, batch: int = 8) -> dict:
     return out
 
 
+class _HostSpans:
+    """Host time per step the reference mode spends in the forward waiting for its plan
+    (``_Prefetched.take``: the planner thread's result) and queueing its device pass
+    (``evaluate_reference``), summed over the calls inside ``with``."""
+
+    def __init__(self) -> None:
+        self.ms = {"wait_for_plan": 0.0, "queue_device_pass": 0.0}
+
+    def _timed(self, key: str, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[key] += (time.perf_counter() - t0) * 1000
+
+        return wrapper
+
+    def __enter__(self) -> _HostSpans:
+        import ctseg.contrastive.loss as loss_module
+
+        self._saved = (loss_module._Prefetched.take, loss_module.evaluate_reference)
+        loss_module._Prefetched.take = self._timed("wait_for_plan", self._saved[0])
+        loss_module.evaluate_reference = self._timed("queue_device_pass", self._saved[1])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ctseg.contrastive.loss as loss_module
+
+        loss_module._Prefetched.take, loss_module.evaluate_reference = self._saved
+
+
 def step(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
+    """Wall and GPU-kernel time per step (wall − kernels: the GPU waits for the host); for the reference
+    mode also its host spans (:class:`_HostSpans`): with the host labels, and with the device counts."""
     out = {}
-    for config in ("baseline", "paper-cl+graph", "paper-cl"):
+    for config in ("baseline", "paper-cl+graph", "paper-cl", "reference-cl", "reference-cl-hostmask"):
         fn = step_setup(config, device, batch)
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        times = [timed(fn, device) for _ in range(repeats)]
+        with _HostSpans() as spans:
+            times = [timed(fn, device) for _ in range(repeats)]
         n, busy = _kernel_stats(fn, 3)
         out[config] = {"wall_ms": statistics.median(times) * 1000, "kernel_ms": busy, "kernels": n}
+        if config.startswith("reference"):
+            out[config].update({f"{k}_ms": v / repeats for k, v in spans.ms.items()})
         del fn
         torch.cuda.empty_cache()
     return out
