@@ -99,8 +99,9 @@ def memory(device: torch.device, batch: int = 8) -> dict:
     return out
 
 
-def _kernel_stats(fn, steps: int) -> tuple[float, float]:
-    """Kernels per call and summed kernel time per call (ms) of ``fn``, from torch.profiler."""
+def _kernel_stats(fn, steps: int, top: dict | None = None) -> tuple[float, float]:
+    """Kernels per call and summed kernel time per call (ms) of ``fn``, from torch.profiler; with
+    ``top`` a dict, fill it with the 12 kernel names of most time: {name: [ms per call, per call]}."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -111,17 +112,27 @@ def _kernel_stats(fn, steps: int) -> tuple[float, float]:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.device_time for e in kernels)
+    if top is not None:
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            acc = by_name.setdefault(e.name[:90], [0.0, 0.0])
+            acc[0] += e.device_time / 1000 / steps
+            acc[1] += 1 / steps
+        for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]:
+            top[name] = [round(ms, 4), round(n, 1)]
     return len(kernels) / steps, busy_us / 1000 / steps
 
 
 def kernels(device: torch.device, batch: int = 8) -> dict:
+    """Kernels of the loss's forward + backward, their GPU time, and the kernels of most time."""
     feats, mask = loss_inputs(batch, device)
     out = {}
     for name, graph in (("eager", False), ("graph", True)):
         for loss in ("cl", "infonce"):
             fn = _loss(graph, device, loss=loss)
-            n, busy = _kernel_stats(lambda fn=fn: fn(feats, mask)[0].backward(), 5)
-            out[f"{name}-{loss}"] = {"kernels_per_call": n, "kernel_ms_per_call": busy}
+            top: dict = {}
+            n, busy = _kernel_stats(lambda fn=fn: fn(feats, mask)[0].backward(), 5, top)
+            out[f"{name}-{loss}"] = {"kernels_per_call": n, "kernel_ms_per_call": busy, "top_kernels": top}
     return out
 
 
