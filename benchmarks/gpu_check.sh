@@ -24,7 +24,7 @@
 #    ct-loss-tritongemm: the same with Triton GEMMs only, an experiment; only when named, 540 s box)
 # PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
 # the GPU tests' selection (default: `-m gpu tests` without the compiled-loss tests); CT_GRAPH_PARTS="snapshot workspaces" picks
-# diagnostics of part 3b; INFERENCE_ARGS replaces the extra options of part 5 (default: --repeat 5 --compare-upload-stream: five warm runs, each also with the strips uploaded on the compute stream).
+# diagnostics of part 3b; INFERENCE_ARGS replaces the extra options of part 5 (default: --repeat 5: five warm runs).
 set -u
 OUT="${OUT:-gpu-check-out}"
 if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then PYTHON=python3; fi
@@ -94,7 +94,7 @@ part ct-loss-tritongemm 540 "$PY" benchmarks/ct_loss.py --device cuda --part ste
 part training-bf16 150 "$PY" benchmarks/training.py --device cuda --precision bf16 --size 512 --batch 16 \
   --steps 5 --warmup 2 --ct none cl infonce cl+graph infonce+graph  # its table is in the log (the device tool returns at most 8 files)
 # shellcheck disable=SC2086
-part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json" ${INFERENCE_ARGS:---repeat 5 --compare-upload-stream}
+part inference 165 "$PY" benchmarks/inference.py --device cuda --batch-size 16 --json "$OUT/inference.json" ${INFERENCE_ARGS:---repeat 5}
 
 {
   echo

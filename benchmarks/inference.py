@@ -6,7 +6,6 @@ Usage (figures in docs/benchmarks.md, section "Inference"):
     .venv/bin/python benchmarks/inference.py --sizes 1024,2048 --device cpu    # what fits a 2-core CPU
     .venv/bin/python benchmarks/inference.py --device cuda --batch-size 16 --json runs/infer_bench.json
     .venv/bin/python benchmarks/inference.py --compress deflate --read-threads 1   # a compressed scene, one decoding thread
-    python3 benchmarks/inference.py --device cuda --batch-size 16 --sizes 6000 --compare-upload-stream  # A/B in one run
 
 For every scene size a random-texture RGB uint8 GeoTIFF (UTM CRS, 0.5 m, 256² tiles, uncompressed unless
 ``--compress``) is generated strip by strip in ``--workdir``; then a fresh subprocess per size (so that its peak RSS is its own) builds the model
@@ -231,25 +230,12 @@ def worker(args: argparse.Namespace) -> dict:
     cold_full = full_run()
     peak = _status_kb("VmHWM")
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    import ctseg.inference.sliding as csliding
-
-    def full_run_without_upload_stream() -> float:
-        csliding.UPLOAD_STREAM = False
-        try:
-            return full_run()
-        finally:
-            csliding.UPLOAD_STREAM = True
-
-    compare = args.compare_upload_stream
     fulls = [full_run()]
-    fulls_compute_stream = [full_run_without_upload_stream()] if compare else []
     raws = [raw_before, raw()]
     reader_mem = in_memory_scene(args.scene)
     computes = [compute_run(net, reader_mem, settings, device)]
     for _ in range(args.repeat - 1):
         fulls.append(full_run())
-        if compare:
-            fulls_compute_stream.append(full_run_without_upload_stream())
         raws.append(raw())
         computes.append(compute_run(net, reader_mem, settings, device))
     del reader_mem
@@ -278,27 +264,11 @@ def worker(args: argparse.Namespace) -> dict:
         "read_s": round(read, 3),
         "write_s": round(write, 3),
         "full_over_compute": round(full / compute - 1, 4),
-        **(
-            {
-                # The same full runs with the strips uploaded on the compute stream (UPLOAD_STREAM off).
-                "full_compute_stream_upload_s": round(statistics.median(fulls_compute_stream), 3),
-                "overhead_compute_stream_upload": round(
-                    statistics.median(fulls_compute_stream) / raw_t - 1, 4
-                ),
-            }
-            if compare
-            else {}
-        ),
         "cold_full_s": round(cold_full, 3),
         "runs": {
             "raw_s": [round(v, 3) for v in raws],
             "full_s": [round(v, 3) for v in fulls],
             "compute_s": [round(v, 3) for v in computes],
-            **(
-                {"full_compute_stream_upload_s": [round(v, 3) for v in fulls_compute_stream]}
-                if compare
-                else {}
-            ),
         },
         "rss_before_mb": round(rss_before / 1024, 1),
         "peak_rss_mb": round(peak / 1024, 1),
@@ -328,9 +298,11 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     ``head_open_s`` / ``head_read_s``: from the call until the scene is open / until the last part
     of the first strip is read (what remains of ``head_s`` after that is its upload, normalisation and
     the batch copy); ``head_load_spans_s``: start and end of each part's load (read, padding, pinned
-    buffer), from the call: a late start is set-up before the read, a long span the read itself;
-    ``head_writers_open_span_s``: the same for the creation of the output files, which runs in a
-    background thread during the head; ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
+    buffer), from the call: a late start is set-up before the read, a long span the read itself (the
+    two parts are read at the same time, the second from a second handle of the scene, opened in the
+    prediction thread during ``head_reopen_span_s``; ``None`` for a reader without one);
+    ``writers_open_span_s``: the same for the creation of the output files, in the prediction thread
+    once the first rows are ready (after the head); ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """
     main = threading.get_ident()
@@ -357,12 +329,14 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         fut._ctseg_kind = "read" if self._thread_name_prefix.startswith("ctseg-read") else "other"  # type: ignore[attr-defined]
         return fut
 
+    import ctseg.inference.io as cio
     import ctseg.inference.predict as cpredict
     import ctseg.inference.sliding as csliding
 
     start_copy, forward = cpredict._start_copy, net.forward
     write_fn, close_fn, fsync_fn = cpredict._write, cpredict._close, os.fsync
     open_fn, load_fn = cpredict.open_scene, csliding._load_strip
+    reopen_fn = cio.RasterioReader.reopen
     writers_open_fn = cpredict._WriterSpec.open
 
     def spanned(kind: str, fn: Any) -> Any:
@@ -387,6 +361,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     os.fsync = spanned("fsync", fsync_fn)
     cpredict.open_scene, csliding._load_strip = spanned("open", open_fn), spanned("load", load_fn)
     cpredict._WriterSpec.open = spanned("writers_open", writers_open_fn)  # type: ignore[method-assign]
+    cio.RasterioReader.reopen = spanned("reopen", reopen_fn)  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
         run()
@@ -398,6 +373,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         cpredict._write, cpredict._close, os.fsync = write_fn, close_fn, fsync_fn
         cpredict.open_scene, csliding._load_strip = open_fn, load_fn
         cpredict._WriterSpec.open = writers_open_fn  # type: ignore[method-assign]
+        cio.RasterioReader.reopen = reopen_fn  # type: ignore[method-assign]
     f = spans["forward"]
     # The first strip is loaded in two row halves, the first two loads; the read-ahead follows.
     head_spans = sorted(spans["load"])[:2]
@@ -408,10 +384,12 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         # Within the head: until the scene is open, and until the first strip's last part is read.
         "head_open_s": round(spans["open"][0][1] - t0, 3),
         "head_read_s": round(max(head_loads) - t0, 3),
-        # Each part of the first strip: (submitted to the reader thread's load start, end), from the call.
+        # Each part of the first strip: (its load's start, end) in the reader threads, from the call.
         "head_load_spans_s": [[round(a - t0, 4), round(b - t0, 4)] for a, b in head_spans],
-        # The output files are created in a background thread meanwhile (start, end).
-        "head_writers_open_span_s": [round(x - t0, 4) for x in spans["writers_open"][0]],
+        # The second handle of the scene, for the second part (start, end).
+        "head_reopen_span_s": [round(x - t0, 4) for x in spans["reopen"][0]] if spans["reopen"] else None,
+        # The output files are created once the first rows are ready (start, end).
+        "writers_open_span_s": [round(x - t0, 4) for x in spans["writers_open"][0]],
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
@@ -523,12 +501,6 @@ def main() -> int:
         default=None,
         help="GDAL decoding threads of the scene reader (default: ctseg's, ALL_CPUS); 1 for one thread",
     )
-    p.add_argument(
-        "--compare-upload-stream",
-        action="store_true",
-        help="also time full runs with the strips uploaded on the compute stream "
-        "(ctseg.inference.sliding.UPLOAD_STREAM off), alternating with the default ones",
-    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scene", type=Path, help=argparse.SUPPRESS)
@@ -561,7 +533,6 @@ def main() -> int:
                 if v is not None:
                     cmd += [f"--{k.replace('_', '-')}", str(v)]
             cmd += ["--probs"] if args.probs else []
-            cmd += ["--compare-upload-stream"] if args.compare_upload_stream else []
             env = dict(
                 os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
             )
@@ -612,29 +583,16 @@ def main() -> int:
             f"| {r['size']} | {r['raw_s']} | {r['compute_s']} | {r['read_s']} | {r['write_s']} | {r['full_s']} "
             f"| {100 * r['full_over_compute']:.1f}% |"
         )
-    if any("full_compute_stream_upload_s" in r for r in results):
-        print(
-            "\nStrip uploads on a side stream (default) against on the compute stream, full runs alternating:"
-        )
-        print(
-            "| scene | raw forward | full, side stream | overhead | full, compute stream | overhead | runs side / compute |"
-        )
-        print("|---|---:|---:|---:|---:|---:|---|")
-        for r in results:
-            print(
-                f"| {r['size']} | {r['raw_s']} | {r['full_s']} | {100 * r['overhead']:.1f}% "
-                f"| {r['full_compute_stream_upload_s']} | {100 * r['overhead_compute_stream_upload']:.1f}% "
-                f"| {r['runs']['full_s']} / {r['runs']['full_compute_stream_upload_s']} |"
-            )
     if any("head_s" in r for r in results):
         what = "(simulated) forward" if sim is not None else "forward (CUDA: its launch; kernels run async)"
         print(f"\nWhere the prediction thread waits instead of running the {what}, seconds:")
         print(
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
             "| of which after the last block | after its write began | longest close | longest fsync "
-            "| head: scene open at | head: first strip read at | head: loads (start-end) | head: outputs created (start-end) |"
+            "| head: scene open at | head: first strip read at | head: loads (start-end) | head: 2nd handle open (start-end) "
+            "| outputs created (start-end) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
@@ -642,7 +600,8 @@ def main() -> int:
                 f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} "
                 f"| {r['head_open_s']} | {r['head_read_s']} "
                 f"| {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} "
-                f"| {'-'.join(f'{x:.3f}' for x in r['head_writers_open_span_s'])} |"
+                f"| {'-'.join(f'{x:.3f}' for x in r['head_reopen_span_s'] or ())} "
+                f"| {'-'.join(f'{x:.3f}' for x in r['writers_open_span_s'])} |"
             )
     if args.json:
         from ctseg.utils.io import atomic_write_json
