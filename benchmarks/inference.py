@@ -298,11 +298,9 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     ``head_open_s`` / ``head_read_s``: from the call until the scene is open / until the last part
     of the first strip is read (what remains of ``head_s`` after that is its upload, normalisation and
     the batch copy); ``head_load_spans_s``: start and end of each part's load (read, padding, pinned
-    buffer), from the call: a late start is set-up before the read, a long span the read itself (the
-    two parts are read at the same time, the second from a second handle of the scene, opened in the
-    prediction thread during ``head_reopen_span_s``; ``None`` for a reader without one);
-    ``writers_open_span_s``: the same for the creation of the output files, in the prediction thread
-    once the first rows are ready (after the head); ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
+    buffer), from the call: a late start is set-up before the read, a long span the read itself;
+    ``head_writers_open_span_s``: the same for the creation of the output files, which runs in a
+    background thread during the head; ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
     """
     main = threading.get_ident()
@@ -329,14 +327,12 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         fut._ctseg_kind = "read" if self._thread_name_prefix.startswith("ctseg-read") else "other"  # type: ignore[attr-defined]
         return fut
 
-    import ctseg.inference.io as cio
     import ctseg.inference.predict as cpredict
     import ctseg.inference.sliding as csliding
 
     start_copy, forward = cpredict._start_copy, net.forward
     write_fn, close_fn, fsync_fn = cpredict._write, cpredict._close, os.fsync
     open_fn, load_fn = cpredict.open_scene, csliding._load_strip
-    reopen_fn = cio.RasterioReader.reopen
     writers_open_fn = cpredict._WriterSpec.open
 
     def spanned(kind: str, fn: Any) -> Any:
@@ -361,7 +357,6 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     os.fsync = spanned("fsync", fsync_fn)
     cpredict.open_scene, csliding._load_strip = spanned("open", open_fn), spanned("load", load_fn)
     cpredict._WriterSpec.open = spanned("writers_open", writers_open_fn)  # type: ignore[method-assign]
-    cio.RasterioReader.reopen = spanned("reopen", reopen_fn)  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
         run()
@@ -373,7 +368,6 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         cpredict._write, cpredict._close, os.fsync = write_fn, close_fn, fsync_fn
         cpredict.open_scene, csliding._load_strip = open_fn, load_fn
         cpredict._WriterSpec.open = writers_open_fn  # type: ignore[method-assign]
-        cio.RasterioReader.reopen = reopen_fn  # type: ignore[method-assign]
     f = spans["forward"]
     # The first strip is loaded in two row halves, the first two loads; the read-ahead follows.
     head_spans = sorted(spans["load"])[:2]
@@ -384,12 +378,10 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         # Within the head: until the scene is open, and until the first strip's last part is read.
         "head_open_s": round(spans["open"][0][1] - t0, 3),
         "head_read_s": round(max(head_loads) - t0, 3),
-        # Each part of the first strip: (its load's start, end) in the reader threads, from the call.
+        # Each part of the first strip: (submitted to the reader thread's load start, end), from the call.
         "head_load_spans_s": [[round(a - t0, 4), round(b - t0, 4)] for a, b in head_spans],
-        # The second handle of the scene, for the second part (start, end).
-        "head_reopen_span_s": [round(x - t0, 4) for x in spans["reopen"][0]] if spans["reopen"] else None,
-        # The output files are created once the first rows are ready (start, end).
-        "writers_open_span_s": [round(x - t0, 4) for x in spans["writers_open"][0]],
+        # The output files are created in a background thread meanwhile (start, end).
+        "head_writers_open_span_s": [round(x - t0, 4) for x in spans["writers_open"][0]],
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
         "wait_write_s": round(sum(b - a for a, b in spans["write"] if b <= f[-1][1]), 3),
         "tail_s": round(t1 - f[-1][1], 3),
@@ -589,10 +581,9 @@ def main() -> int:
         print(
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
             "| of which after the last block | after its write began | longest close | longest fsync "
-            "| head: scene open at | head: first strip read at | head: loads (start-end) | head: 2nd handle open (start-end) "
-            "| outputs created (start-end) |"
+            "| head: scene open at | head: first strip read at | head: loads (start-end) | head: outputs created (start-end) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
@@ -600,8 +591,7 @@ def main() -> int:
                 f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} "
                 f"| {r['head_open_s']} | {r['head_read_s']} "
                 f"| {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} "
-                f"| {'-'.join(f'{x:.3f}' for x in r['head_reopen_span_s'] or ())} "
-                f"| {'-'.join(f'{x:.3f}' for x in r['writers_open_span_s'])} |"
+                f"| {'-'.join(f'{x:.3f}' for x in r['head_writers_open_span_s'])} |"
             )
     if args.json:
         from ctseg.utils.io import atomic_write_json

@@ -59,21 +59,17 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
     # The JSON's times are rounded to 1 ms (±0.5 ms each over a few ms here); the overhead is not.
     assert math.isclose(1 + r["overhead"], r["full_s"] / r["raw_s"], rel_tol=0.5e-3 / r["raw_s"] * 2.2)
     assert math.isfinite(r["overhead_paired"]) and r["overhead_paired"] > -1
-    # The head's parts: two loads of the first strip, after the scene is open, the second from a second
-    # handle opened meanwhile (so it may overlap the first), ending when the head says it is read; the
-    # output files are created after the head, once the first rows are ready.
+    # The head's parts: two loads of the first strip, in order, ending when the head says it is read;
+    # the output files are created meanwhile, after the call started.
     loads = r["head_load_spans_s"]
     assert len(loads) == 2
     (a0, b0), (a1, b1) = loads
-    assert 0 <= a0 <= b0 and 0 <= a1 <= b1
-    # (head_s, head_open_s and head_read_s are rounded to 1 ms, the spans to 0.1 ms.)
-    assert math.isclose(max(b0, b1), r["head_read_s"], abs_tol=1.5e-3)
-    assert r["head_open_s"] <= min(a0, a1) + 1e-3 and max(b0, b1) <= r["head_s"] + 1e-3
-    s0, s1 = r["head_reopen_span_s"]
-    assert r["head_open_s"] <= s0 + 1e-3 and s0 <= s1 <= a1
-    w0, w1 = r["writers_open_span_s"]
-    assert r["head_s"] <= w0 + 1e-3 and w0 <= w1 <= r["timeline_full_s"]
+    assert 0 <= a0 <= b0 <= a1 <= b1
+    assert math.isclose(b1, r["head_read_s"], abs_tol=1.5e-3)
+    assert r["head_open_s"] <= a0 and b1 <= r["head_s"] + 1e-3
     assert len(r["runs"]["full_s"]) == 1
+    w0, w1 = r["head_writers_open_span_s"]
+    assert 0 <= w0 <= w1 <= r["timeline_full_s"]
 
 
 def test_ct_loss_benchmark_counts_the_dispatched_operators(tmp_path: Path):

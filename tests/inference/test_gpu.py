@@ -66,3 +66,24 @@ def test_cuda_prediction_never_waits_for_the_device(tmp_path: Path, rng: np.rand
     ref = predict_large(net.cpu(), image, window=128, overlap=32)
     with rasterio.open(res.outputs["labels"]) as d:
         assert (d.read(1) == ref.labels).mean() > 0.999  # TF32/cuDNN may flip near-ties
+
+
+def test_strips_uploaded_ahead_of_a_lagging_device_give_the_same_logits(rng: np.random.Generator) -> None:
+    # Strips are copied from pinned host buffers without waiting: a buffer must not be reused for the
+    # next strip while its copy is still queued. A slow model keeps the host many strips ahead of the
+    # device, so a reused buffer would show as wrong strips. Several strips of a tall scene.
+    image = rng.integers(0, 256, (1100, 300, 3), dtype=np.uint8)
+    net = conv_net(5).cuda()
+
+    class Slow(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.cuda._sleep(2_000_000)  # ≈ 1 ms of device time per batch: the device lags the host
+            return net(x)
+
+    results = [
+        predict_large(
+            model, image, window=64, overlap=16, batch_size=4, device="cuda", return_logits=True
+        ).logits
+        for model in (Slow(), net)
+    ]
+    np.testing.assert_array_equal(results[0], results[1])

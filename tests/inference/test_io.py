@@ -206,34 +206,6 @@ def test_compressed_tiled_geotiff_decoded_on_several_threads_reads_the_written_p
             assert not out[:, :, :5].any() and not out[:, :, 705:].any()
 
 
-def test_a_reopened_geotiff_reader_has_its_own_handle_and_reads_the_same_rows(
-    tmp_path: Path, rng: np.random.Generator
-) -> None:
-    """``RasterioReader.reopen``: a second dataset handle (the head reads the first strip's halves from
-    two handles at once), with the same bands, type and georeference; each closes on its own."""
-    pytest.importorskip("rasterio")
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ctseg.inference.io import RasterioReader
-
-    image = rng.integers(0, 256, (300, 200, 4), dtype=np.uint16)
-    src = write_geotiff(tmp_path / "s.tif", image)
-    with RasterioReader(src, bands=(3, 2, 1), input_max=65535) as reader:
-        twin = reader.reopen()
-        assert twin is not reader and twin._ds is not reader._ds
-        assert (twin.height, twin.width, twin.dtype, twin.input_max) == (300, 200, np.uint16, 65535)
-        assert twin.georef == reader.georef and twin.path == reader.path
-        expected = np.moveaxis(image[:, :, [2, 1, 0]], -1, 0)
-        with ThreadPoolExecutor(2) as pool:  # both handles read at the same time, many times over
-            for _ in range(20):
-                a = pool.submit(reader.read_rows, 0, 150)
-                b = pool.submit(twin.read_rows, 150, 300)
-                np.testing.assert_array_equal(np.concatenate([a.result(), b.result()], 1), expected)
-        twin.close()
-        np.testing.assert_array_equal(reader.read_rows(10, 20), expected[:, 10:20])  # still open
-    assert ArrayReader(image[:, :, :3], input_max=65535).reopen() is not None  # arrays: read anywhere
-
-
 def test_geotiff_band_selection_and_non_uint8(tmp_path: Path, rng: np.random.Generator) -> None:
     pytest.importorskip("rasterio")
     rgbi = rng.integers(0, 4000, (40, 50, 4), dtype=np.uint16)
@@ -450,8 +422,8 @@ def test_last_strip_written_in_small_blocks_gives_identical_files(
 def test_a_writer_that_cannot_be_opened_leaves_no_partial_output(
     tmp_path: Path, smooth_image: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The writers are opened once the first rows are ready (temporary files already created): their
-    # error is the one raised, and no file is left behind.
+    # The writers are opened in a background thread while the first strip is computed: their error is
+    # still the one raised, and no file is left behind.
     import ctseg.inference.predict as cpredict
 
     class Broken(NpyStreamWriter):
@@ -465,36 +437,6 @@ def test_a_writer_that_cannot_be_opened_leaves_no_partial_output(
     with pytest.raises(OutputError, match="probs: cannot create"):
         predict_file(pointwise_net(), src, out, SETTINGS, num_classes=5, probs=True)
     assert list(out.iterdir()) == []
-
-
-def test_output_files_are_created_only_after_the_first_forward(
-    tmp_path: Path, smooth_image: np.ndarray
-) -> None:
-    # The head (call to the first forward) waits only for the first strip: the outputs' temporary files
-    # and writers are created once the first rows are ready, and a failure before leaves nothing.
-    pytest.importorskip("rasterio")
-    src = write_geotiff(tmp_path / "scene.tif", smooth_image)
-    out = tmp_path / "out"
-    seen: list[list[str]] = []
-
-    class Watching(torch.nn.Module):
-        def __init__(self, fail: bool) -> None:
-            super().__init__()
-            self.net, self.fail = pointwise_net(5), fail
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(sorted(p.name for p in out.iterdir()))
-            if self.fail:
-                raise RuntimeError("device lost")
-            return self.net(x)
-
-    with pytest.raises(RuntimeError, match="device lost"):
-        predict_file(Watching(True), src, out, SETTINGS, num_classes=5)
-    assert seen == [[]] and list(out.iterdir()) == []
-    seen.clear()
-    res = predict_file(Watching(False), src, out, SETTINGS, num_classes=5)
-    assert seen[0] == [] and any(seen)  # nothing at the first forward; temporary files later
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in res.outputs.values())
 
 
 @pytest.mark.parametrize(("budget", "bound"), [(0, 2), (2**30, None)])

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctseg.errors import ConfigError, DataError
+from ctseg.errors import ConfigError
 from ctseg.inference.io import ArrayReader
 from ctseg.inference.sliding import (
     MIN_WEIGHT,
@@ -292,76 +290,3 @@ def test_strip_read_in_parts_equals_the_whole_strip(rng: np.random.Generator, he
             parts = [_load_strip(reader, gy, gx, y, False, a, b) for a, b in ranges]
             assert torch.equal(torch.cat(parts, 1), whole)
     assert _first_strip_halves(1) == [(0, 1)]
-
-
-class TwinnedReader(ArrayReader):
-    """An array reader whose :meth:`reopen` gives a separate reader (as a file reader's second handle).
-
-    The first two row reads, of whichever of them, must be under way at the same time, or the barrier
-    they wait at breaks (after 10 s) and the read fails. ``fail_twin``: the twin's reads raise.
-    """
-
-    def __init__(self, array: np.ndarray, fail_twin: bool = False, parent: TwinnedReader | None = None):
-        super().__init__(array)
-        self.fail_twin, self.parent = fail_twin, parent
-        self.barrier, self.lock = (
-            (threading.Barrier(2, timeout=10), threading.Lock())
-            if parent is None
-            else (
-                parent.barrier,
-                parent.lock,
-            )
-        )
-        self.log: list[tuple[TwinnedReader, int, int]] = [] if parent is None else parent.log
-        self.twins: list[TwinnedReader] = []
-        self.closed = False
-
-    def read_rows(self, y0: int, y1: int) -> np.ndarray:
-        with self.lock:
-            self.log.append((self, y0, y1))
-            first_two = len(self.log) <= 2
-        if first_two:
-            self.barrier.wait()
-        if self.parent is not None and self.fail_twin:
-            raise DataError(None, "twin read failed")
-        return super().read_rows(y0, y1)
-
-    def reopen(self) -> TwinnedReader:
-        twin = TwinnedReader(self.array.transpose(1, 2, 0), self.fail_twin, parent=self)
-        self.twins.append(twin)
-        return twin
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def test_first_strip_parts_are_read_at_the_same_time_from_a_second_reader(rng: np.random.Generator) -> None:
-    # The head reads the first strip's halves in parallel when the reader has a twin (a second file
-    # handle): same values as reading them one after the other; the twin read the second half only and
-    # was closed, the reader itself (the caller's) was not.
-    image = rng.integers(0, 256, (150, 90, 3), dtype=np.uint8)
-    settings_ = SlidingWindow(window=32, overlap=8, batch_size=3)
-    net = conv_net(4)
-    reader = TwinnedReader(image)
-    got = list(iter_blended_rows(net, reader, settings_))
-    plain = ArrayReader(image)
-    plain.reopen = lambda: None  # type: ignore[method-assign]  # no twin: the parts one after the other
-    ref = list(iter_blended_rows(net, plain, settings_))
-    assert [y for y, _ in got] == [y for y, _ in ref]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref, strict=True))
-    (twin,) = reader.twins
-    assert twin.closed and not reader.closed
-    # The twin read the scene rows of the second half (its reflected rows are copied, not read).
-    gy, _ = settings_.grids(150, 90)
-    _, (c, d) = _first_strip_halves(32)
-    rows = reflect_index(np.arange(c, d) - gy.pad_before, 150)
-    assert [(y0, y1) for r, y0, y1 in reader.log if r is twin] == [(rows.min(), rows.max() + 1)]
-
-
-def test_a_failing_read_of_the_second_reader_is_raised_and_it_is_closed(rng: np.random.Generator) -> None:
-    image = rng.integers(0, 256, (150, 90, 3), dtype=np.uint8)
-    reader = TwinnedReader(image, fail_twin=True)
-    with pytest.raises(DataError, match="twin read failed"):
-        list(iter_blended_rows(conv_net(4), reader, SlidingWindow(window=32, overlap=8)))
-    (twin,) = reader.twins
-    assert twin.closed and not reader.closed

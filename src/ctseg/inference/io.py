@@ -13,7 +13,6 @@ is ever left behind.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import struct
 import tempfile
@@ -90,14 +89,6 @@ class SceneReader:
         :meth:`read_rows` returns; readers that can decode straight into place save that copy."""
         out[...] = self.read_rows(y0, y1)
 
-    def reopen(self) -> SceneReader | None:
-        """A reader of the same scene that may be read from another thread while this one is read, or
-        ``None`` (this default): then the scene is read from one thread at a time.
-
-        A file reader opens a handle of its own, which the caller closes; a reader that can be read from
-        several threads at once may return itself (the caller then must not close it)."""
-        return None
-
     def close(self) -> None:
         pass
 
@@ -163,10 +154,6 @@ class ArrayReader(SceneReader):
         rows = self.array[:, y0:y1]
         _check_finite(self.path, rows, y0)
         return rows
-
-    def reopen(self) -> ArrayReader:
-        # Rows are read from an array nothing writes to: any number of threads may read it at once.
-        return self
 
 
 def _band_indices(path: Path | None, bands: Sequence[int], count: int) -> list[int]:
@@ -240,15 +227,18 @@ class RasterioReader(SceneReader):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(self.path, "no such file")
-        self._open_options: dict[str, str] = {}
-        self._ds = self._open()
-        threads = str(READ_THREADS if read_threads is None else read_threads)
-        if self._ds.compression is not None and threads != "1":
-            # Reopened (≈ 1 ms) with decoding threads: for uncompressed tiles they only compete with
-            # the prediction thread (slower heads on the 2-core box).
-            self._ds.close()
-            self._open_options = {"num_threads": threads}
-            self._ds = self._open()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(self.path)
+                threads = str(READ_THREADS if read_threads is None else read_threads)
+                if self._ds.compression is not None and threads != "1":
+                    # Reopened (≈ 1 ms) with decoding threads: for uncompressed tiles they only
+                    # compete with the prediction thread (slower heads on the 2-core box).
+                    self._ds.close()
+                    self._ds = rasterio.open(self.path, num_threads=threads)
+        except rasterio.errors.RasterioIOError as exc:
+            raise DataError(self.path, f"cannot read raster ({exc})") from exc
         ds = self._ds
         try:
             if ds.width == 0 or ds.height == 0:
@@ -275,25 +265,6 @@ class RasterioReader(SceneReader):
         self.height, self.width = int(ds.height), int(ds.width)
         georeferenced = ds.crs is not None or not ds.transform.is_identity
         self.georef = {"crs": ds.crs, "transform": ds.transform} if georeferenced else None
-
-    def _open(self) -> Any:
-        rasterio = import_rasterio()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                return rasterio.open(self.path, **self._open_options)
-        except rasterio.errors.RasterioIOError as exc:
-            raise DataError(self.path, f"cannot read raster ({exc})") from exc
-
-    def reopen(self) -> RasterioReader:
-        """This reader with a dataset handle of its own (GDAL handles must not be shared by threads
-        reading at once; separate ones may be). About 1 ms in a thread that has opened a raster before."""
-        twin = copy.copy(self)
-        twin._ds = ds = self._open()
-        if (ds.height, ds.width, ds.count) != (self.height, self.width, self._ds.count):
-            ds.close()
-            raise DataError(self.path, "changed while it was being read")
-        return twin
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         from rasterio.windows import Window

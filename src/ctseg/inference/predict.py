@@ -14,9 +14,10 @@ All of them are written to temporary files and renamed into place together at th
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,81 +207,74 @@ def predict_file(
         gy, _ = settings.grids(h, w)
         final_start = max(gy.starts[-1], gy.pad_before) - gy.pad_before  # scene row of the last strip's rows
         with OutputSet(out_dir) as out:
-            paths: dict[str, Path] = {}  # temporary files, renamed onto their targets at the end
-            items: dict[str, RowWriter] | None = None
-            lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in names}
-            in_flight: deque[tuple[int, list[Future[None]]]] = deque()  # (host bytes, writes)
-            pending_bytes = 0
-            try:
-                # Write-behind, one thread per file: a block is compressed and written while the next
-                # ones are computed (zlib and GDAL release the GIL).
-                for y0, block in iter_blended_rows(
-                    model,
-                    reader,
-                    settings,
-                    normalization=normalization,
-                    device=device,
-                    progress=progress,
-                    # Not with probabilities: softmax rounds its last bits differently by block shape
-                    # (vector / scalar tails), and the files must not depend on the split.
-                    final_block_rows=None if probs else FINAL_BLOCK_ROWS,
-                ):
-                    if block.shape[0] != num_classes:
-                        raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
-                    rows = block.shape[1]
-                    host = _start_copy(block, probs)
-                    del block
-                    if items is None:
-                        # The output files are created once the first rows are on their way, here in
-                        # the prediction thread: until the first forward the head waits for nothing but
-                        # the first strip. (Created beforehand in a thread of their own, they held the GIL
-                        # for milliseconds of the head; GDAL also sets up PROJ anew in every new thread.)
-                        paths = {k: out.path(v) for k, v in names.items()}
-                        items = _WriterSpec(
-                            paths, w, h, num_classes, reader.georef, palette, class_names
-                        ).open()
-                    final = y0 >= final_start
-                    # Blocks of the last strip are not held back: together they are at most one window
-                    # of rows, and after the last forward nothing else needs the host.
-                    size = host.nbytes
-                    while (
-                        not final
-                        and len(in_flight) >= WRITE_BEHIND
-                        and pending_bytes + size > WRITE_BEHIND_BYTES
+            paths = {k: out.path(v) for k, v in names.items()}  # temporary files, created here (cheap)
+            spec = _WriterSpec(paths, w, h, num_classes, reader.georef, palette, class_names)
+            # The writers (GDAL creates the GeoTIFFs) open in the background: the first strip is read
+            # and its forward queued meanwhile, and they are only needed for the first finished block.
+            with _opened_in_background(spec) as opening:
+                lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in names}
+                in_flight: deque[tuple[int, list[Future[None]]]] = deque()  # (host bytes, writes)
+                pending_bytes = 0
+                items: dict[str, RowWriter] | None = None
+                try:
+                    # Write-behind, one thread per file: a block is compressed and written while the
+                    # next ones are computed (zlib and GDAL release the GIL).
+                    for y0, block in iter_blended_rows(
+                        model,
+                        reader,
+                        settings,
+                        normalization=normalization,
+                        device=device,
+                        progress=progress,
+                        # Not with probabilities: softmax rounds its last bits differently by block
+                        # shape (vector / scalar tails), and the files must not depend on the split.
+                        final_block_rows=None if probs else FINAL_BLOCK_ROWS,
                     ):
-                        done_bytes, writes = in_flight.popleft()
-                        for f in writes:
-                            f.result()
-                        pending_bytes -= done_bytes
-                    more = final and y0 + rows < h  # the next block continues this one's strip
-                    in_flight.append(
-                        (
-                            size,
-                            [
-                                lanes[k].submit(_write, items[k], host, k, out_dir / names[k], more)
-                                for k in items
-                            ],
+                        if block.shape[0] != num_classes:
+                            raise RuntimeError(f"model gives {block.shape[0]} logits, expected {num_classes}")
+                        rows = block.shape[1]
+                        host = _start_copy(block, probs)
+                        del block
+                        if items is None:
+                            items = opening.result()
+                        final = y0 >= final_start
+                        # Blocks of the last strip are not held back: together they are at most one
+                        # window of rows, and after the last forward nothing else needs the host.
+                        size = host.nbytes
+                        while (
+                            not final
+                            and len(in_flight) >= WRITE_BEHIND
+                            and pending_bytes + size > WRITE_BEHIND_BYTES
+                        ):
+                            done_bytes, writes = in_flight.popleft()
+                            for f in writes:
+                                f.result()
+                            pending_bytes -= done_bytes
+                        more = final and y0 + rows < h  # the next block continues this one's strip
+                        in_flight.append(
+                            (
+                                size,
+                                [
+                                    lanes[k].submit(_write, items[k], host, k, out_dir / names[k], more)
+                                    for k in items
+                                ],
+                            )
                         )
-                    )
-                    pending_bytes += size
-                # The last blocks and the closing (final tiles, PNG trailer, fsync) of all files run in
-                # parallel, one lane per file; waiting for them in any order takes the longest.
-                assert items is not None
-                closing = {k: lanes[k].submit(_close, items[k], out_dir / names[k]) for k in items}
-                for f in [f for _, fs in in_flight for f in fs]:
-                    f.result()
-                for k, f in closing.items():
-                    if f.result():
-                        out.synced(paths[k])
-            except BaseException:
-                # No writer may be closed while a lane writes to it; closed quietly, so that the first
-                # error is the one raised, and the OutputSet deletes the files.
-                for lane in lanes.values():
-                    lane.shutdown(wait=True, cancel_futures=True)
-                close_quietly((items or {}).values())
-                raise
-            for lane in lanes.values():
-                lane.shutdown()
+                        pending_bytes += size
+                    # The last blocks and the closing (final tiles, PNG trailer, fsync) of all files run
+                    # in parallel, one lane per file; waiting for them in any order takes the longest.
+                    assert items is not None
+                    closing = {k: lanes[k].submit(_close, items[k], out_dir / names[k]) for k in items}
+                    for f in [f for _, fs in in_flight for f in fs]:
+                        f.result()
+                    for k, f in closing.items():
+                        if f.result():
+                            out.synced(paths[k])
+                finally:
+                    # No writer may be closed (after an error, by `_opened_in_background`) while a lane
+                    # writes to it.
+                    for lane in lanes.values():
+                        lane.shutdown(wait=True, cancel_futures=True)
             result.outputs = {k: out_dir / v for k, v in names.items()}
     return result
 
@@ -301,7 +295,7 @@ class _WriterSpec:
         w, h, geo, paths = self.width, self.height, self.georef is not None, self.paths
         items: dict[str, RowWriter] = {}
         try:
-            with gdal_env():  # nested in predict_file's: the same settings (the Env is per thread)
+            with gdal_env():  # rasterio's GDAL settings are per thread
                 if geo:
                     items["labels"] = GeoTIFFWriter(
                         paths["labels"], w, h, 1, np.uint8, self.georef, self.palette
@@ -325,3 +319,21 @@ class _WriterSpec:
             close_quietly(items.values())
             raise
         return items
+
+
+@contextlib.contextmanager
+def _opened_in_background(spec: _WriterSpec) -> Iterator[Future[dict[str, RowWriter]]]:
+    """``spec.open()`` in a background thread; yields its future.
+
+    On an error in the block the writers are closed quietly (whether or not anybody took them from the
+    future yet), so that the first error is the one raised and :class:`OutputSet` can delete the files.
+    On success the caller has closed them (``_close``, with its fsync, in the write lanes).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="ctseg-open") as pool:
+        opening = pool.submit(spec.open)
+        try:
+            yield opening
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                close_quietly(opening.result().values())
+            raise

@@ -261,15 +261,12 @@ def iter_blended_rows(
     """Blend window logits over a scene, yielding finished row blocks top to bottom.
 
     Host work runs beside the model: a reader thread reads and reflect-pads the next
-    :data:`PREFETCH_STRIPS` strips while the current one is computed. The first strip, which nothing
-    can overlap, is read first of all, in two row halves at the same time when the reader has a second
-    handle (:meth:`~ctseg.inference.io.SceneReader.reopen`); the set-up runs meanwhile. On CUDA the
-    strips are read into pinned memory and copied as raw pixels (uint8 for most scenes, 4x fewer bytes
-    than float32) with ``non_blocking=True``, queued on the compute stream; normalisation, blending and
-    the division by the summed weight are kernels on the model's device. Nothing here waits for the
-    device, so the host can queue the next strip's work while the device computes; a consumer that
-    copies the blocks to the host asynchronously (as :func:`~ctseg.inference.predict.predict_file`
-    does) keeps the device busy all the way.
+    :data:`PREFETCH_STRIPS` strips while the current one is computed. On CUDA the strips are read into
+    pinned memory and copied as raw pixels (uint8 for most scenes, 4x fewer bytes than float32) with
+    ``non_blocking=True``, queued on the compute stream; normalisation, blending and the
+    division by the summed weight are kernels on the model's device. Nothing here waits for the device, so the host can queue the next strip's
+    work while the device computes; a consumer that copies the blocks to the host asynchronously (as
+    :func:`~ctseg.inference.predict.predict_file` does) keeps the device busy all the way.
 
     Args:
         model: maps ``(B, 3, window, window)`` normalised images to ``(B, K, window, window)`` logits
@@ -298,48 +295,42 @@ def iter_blended_rows(
     height, width = reader.height, reader.width
     gy, gx = settings.grids(height, width)
     win, stride = settings.window, settings.stride
+    total = len(gy.starts) * len(gx.starts)
+    profile = blend_profile(win, settings.overlap, settings.blend)
+    weight = _to_device(torch.outer(profile, profile), device)
+    row_sum = _to_device(_weight_sum(gy, profile), device)  # (Hp,)
+    col_sum = _to_device(_weight_sum(gx, profile)[gx.pad_before : gx.pad_before + width], device)  # (W,)
+    norm = _normalizer(normalization, reader.input_max, device)
     # Pinned host memory makes the host-to-device copy asynchronous; from pageable memory CUDA first
     # waits for the stream to drain, which would stall the device once per strip. The copies are queued
     # on the compute stream: on a side stream (the copy engine) they measured slower on an H100
     # (dcpoolformer-paper, batch 16: 6000² +10.2 % over the raw forward against +8.4 %, 3000² +27 % / +20 %).
     pin = device.type == "cuda"
-    n_cols = len(gx.starts)
-    total = len(gy.starts) * n_cols
-    done = 0
     acc: torch.Tensor | None = None  # (K, win, Wp): weighted logits, rows relative to the window-row start
-    with (
+    # The normalised strip and the window batch are rewritten in place, strip after strip and batch after
+    # batch (the model has consumed a batch before the next one is stacked: in program order on the CPU,
+    # in stream order on CUDA). Fresh tensors of this size (tens of MB) would cost page faults on every
+    # strip on the CPU, where the allocator returns them to the OS.
+    strip = torch.empty(3, win, gx.padded, dtype=torch.float32, device=device)
+    stack_buf = torch.empty(
+        min(settings.batch_size, len(gx.starts)), 3, win, win, dtype=torch.float32, device=device
+    )
+    n_cols = len(gx.starts)
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-read") as pool:
         # Read ahead while strips are computed (GDAL and numpy release the GIL). One thread, because a
-        # rasterio dataset must not be read from two threads at once; the head's second thread reads
-        # from a handle of its own (see _start_first_strip).
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-read") as pool,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-read-head") as head_pool,
-    ):
-        # Head: nothing runs before the first strip is in, so its reads start before anything else; the
-        # set-up below runs meanwhile.
-        first = _start_first_strip(reader, gy, gx, pin, pool, head_pool)
-        profile = blend_profile(win, settings.overlap, settings.blend)
-        weight = _to_device(torch.outer(profile, profile), device)
-        row_sum = _to_device(_weight_sum(gy, profile), device)  # (Hp,)
-        col_sum = _to_device(_weight_sum(gx, profile)[gx.pad_before : gx.pad_before + width], device)  # (W,)
-        norm = _normalizer(normalization, reader.input_max, device)
-        # The normalised strip and the window batch are rewritten in place, strip after strip and batch
-        # after batch (the model has consumed a batch before the next one is stacked: in program order on
-        # the CPU, in stream order on CUDA). Fresh tensors of this size (tens of MB) would cost page
-        # faults on every strip on the CPU, where the allocator returns them to the OS.
-        strip = torch.empty(3, win, gx.padded, dtype=torch.float32, device=device)
-        stack_buf = torch.empty(
-            min(settings.batch_size, n_cols), 3, win, win, dtype=torch.float32, device=device
-        )
+        # rasterio dataset must not be read from two threads at once.
         pending: deque[Future[torch.Tensor]] = deque()
         for r, y in enumerate(gy.starts):
             if r == 0:
-                # The first strip comes in row parts: the first is uploaded and normalised while the
-                # second may still be being read.
-                for (a, b), part in first:
+                # Head: nothing runs before the first strip is in, so it is read in two row halves; the
+                # first half is uploaded and normalised while the reader thread reads the second.
+                halves = _first_strip_halves(win)
+                parts = [pool.submit(_load_strip, reader, gy, gx, y, pin, a, b) for a, b in halves]
+                for (a, b), part in zip(halves, parts, strict=True):
                     band = part.result()  # (3, b - a, Wp) raw pixels, reflect-padded
                     norm(band.to(device, non_blocking=True)[None], out=strip[None, :, a:b])
                     del band
-                del first
                 # The read-ahead starts only now: until the first forward is queued the host's cores
                 # are better spent on the first strip than on strips that are not needed yet.
                 pending.extend(
@@ -398,49 +389,6 @@ def _first_strip_halves(window: int) -> list[tuple[int, int]]:
     """Row ranges ``[(0, h), (h, window)]`` in which the first strip is read (one range for tiny windows)."""
     half = window // 2
     return [(0, half), (half, window)] if half > 0 else [(0, window)]
-
-
-def _start_first_strip(
-    reader: SceneReader,
-    gy: AxisGrid,
-    gx: AxisGrid,
-    pin: bool,
-    pool: ThreadPoolExecutor,
-    head_pool: ThreadPoolExecutor,
-) -> list[tuple[tuple[int, int], Future[torch.Tensor]]]:
-    """Start reading the first strip in the row parts of :func:`_first_strip_halves`: ``[(rows, future)]``.
-
-    The first part is read by ``pool`` (the reader thread). When the reader has a twin
-    (:meth:`~ctseg.inference.io.SceneReader.reopen`: a handle of its own, opened here, in the calling
-    thread, while the first part is read), the second part is read from it at the same time by
-    ``head_pool``, which closes it afterwards; otherwise by ``pool``, after the first part. (The twin is
-    opened here because GDAL's first open in a fresh thread costs several ms of per-thread set-up.)
-    """
-    y = gy.starts[0]
-    parts = _first_strip_halves(gy.window)
-    futures = [pool.submit(_load_strip, reader, gy, gx, y, pin, *parts[0])]
-    if len(parts) > 1:
-        twin = reader.reopen()
-        if twin is None:
-            futures.append(pool.submit(_load_strip, reader, gy, gx, y, pin, *parts[1]))
-        else:
-            own = twin is not reader  # a twin that is the reader itself (an array) is not closed
-            try:
-                futures.append(head_pool.submit(_load_from_twin, twin, own, gy, gx, y, pin, *parts[1]))
-            except BaseException:
-                if own:
-                    twin.close()
-                raise
-    return list(zip(parts, futures, strict=True))
-
-
-def _load_from_twin(twin: SceneReader, close: bool, *args: object) -> torch.Tensor:
-    """``_load_strip(twin, *args)``, then ``twin.close()`` when ``close`` (even when the read fails)."""
-    try:
-        return _load_strip(twin, *args)  # type: ignore[arg-type]
-    finally:
-        if close:
-            twin.close()
 
 
 def _accumulate(acc: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, x0: int, stride: int) -> None:
