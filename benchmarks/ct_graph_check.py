@@ -13,7 +13,7 @@ Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
 3. **Kernels**: CUDA kernels per forward + backward and their summed GPU time (torch.profiler),
    eager vs recorded.
 4. **Step**: a DCPoolFormer training step (B = 8, 512², fp32) without CT, with the eager and the
-   recorded CL loss and with the reference CL loss (host labels given to ``prefetch``, or not): wall
+   recorded CL loss and with the reference CL loss (with ``prefetch``): wall
    time and summed GPU kernel time per step (wall − kernel time = time the GPU waits for the host);
    for the reference mode the forward's wait for the planner thread and the host time of queueing
    its device pass.
@@ -170,9 +170,9 @@ class _HostSpans:
 
 def step(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
     """Wall and GPU-kernel time per step (wall − kernels: the GPU waits for the host); for the reference
-    mode also its host spans (:class:`_HostSpans`): with the host labels, and with the device counts."""
+    mode also its host spans (:class:`_HostSpans`)."""
     out = {}
-    for config in ("baseline", "paper-cl+graph", "paper-cl", "reference-cl", "reference-cl-hostmask"):
+    for config in ("baseline", "paper-cl+graph", "paper-cl", "reference-cl"):
         fn = step_setup(config, device, batch)
         for _ in range(3):
             fn()

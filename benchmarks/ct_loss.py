@@ -21,9 +21,8 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
   counts are the machine-independent measure of its time overhead there; they need no GPU to measure.
 * ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
-  each CT variant; the step calls ``ct.prefetch(masks, host_mask=...)`` with the labels before their
-  transfer, before the forward, as ``ctseg fit`` does (reference mode; on CUDA ``reference-cl-prefetch``
-  leaves the call out and ``reference-cl-hostmask`` the host labels). Times are medians of
+  each CT variant; the step calls ``ct.prefetch(masks)`` before the forward, as ``ctseg fit`` does
+  (reference mode; ``reference-cl-prefetch`` on CUDA leaves it out). Times are medians of
   ``--repeats`` steps, configurations interleaved round-robin in one process (so machine noise hits
   all alike); also the *paired* ratio, the median over rounds of (config's step / baseline's step of
   the same round) − 1, with its quartiles, which a drift of the machine between rounds does not move.
@@ -69,10 +68,8 @@ NUM_CLASSES, IGNORE = 5, 5
 SIZE = 512  # crop / input size in pixels (--size)
 # Key of a benchmark-only variant setting: inductor's GEMM backends for the loss's compile.
 GEMM_BACKENDS = "_gemm_backends"
-# Keys of benchmark-only variant settings (reference mode): the step does not call ``prefetch``; or
-# calls it without the host copy of the labels (the counts are then made on the device and copied).
+# Key of a benchmark-only variant setting: the step does not call ``prefetch`` (reference mode).
 NO_PREFETCH = "_no_prefetch"
-NO_HOST_MASK = "_no_host_mask"
 COLOURS = [(60, 16, 152), (132, 41, 246), (110, 193, 228), (254, 221, 58), (226, 169, 41)]  # README order
 VARIANTS = {
     "paper-cl": {"mode": "paper", "loss": "cl"},
@@ -92,8 +89,6 @@ CUDA_STEP_VARIANTS = {
     "paper-infonce+graph": {"mode": "paper", "loss": "infonce", "cuda_graph": True},
     # Reference CL without prefetch(mask) before the forward: its draws then wait for the forward.
     "reference-cl-prefetch": {"mode": "reference", "loss": "cl", NO_PREFETCH: True},
-    # Reference CL with prefetch(mask) but no host_mask: the planner thread waits for the counts' copy.
-    "reference-cl-hostmask": {"mode": "reference", "loss": "cl", NO_HOST_MASK: True},
     # torch.compile'd loss (fused kernels; compiling takes a minute and a half per variant and process).
     # torch.compile's own CUDA-graph modes ("reduce-overhead") are not accepted by the loss: their
     # backward failed in a test (docs/benchmarks.md).
@@ -120,7 +115,6 @@ DEFAULT_CUDA_EXTRA = (
     "paper-cl+graph",
     "paper-infonce+graph",
     "reference-cl-prefetch",
-    "reference-cl-hostmask",
 )
 # Loss-alone part: the eager variants everywhere, the recorded ones on CUDA too.
 CUDA_LOSS_EXTRA = ("paper-cl+graph", "paper-infonce+graph")
@@ -164,13 +158,9 @@ def make_ct(variant: str, device: torch.device, **kw) -> PatchContrastiveLoss:
     options = dict({**VARIANTS, **CUDA_STEP_VARIANTS}[variant])
     backends = options.pop(GEMM_BACKENDS, None)
     no_prefetch = options.pop(NO_PREFETCH, False)
-    no_host_mask = options.pop(NO_HOST_MASK, False)
     ct = PatchContrastiveLoss(CHANNELS, NUM_CLASSES, IGNORE, **options, **kw).to(device)
     if no_prefetch:
-        ct.prefetch = lambda mask, host_mask=None: None  # type: ignore[method-assign]
-    elif no_host_mask:
-        prefetch = ct.prefetch
-        ct.prefetch = lambda mask, host_mask=None: prefetch(mask)  # type: ignore[method-assign]
+        ct.prefetch = lambda mask: None  # type: ignore[method-assign]
     if backends is not None:  # the experiment above: the loss's compile with inductor options instead
         from torch._inductor import list_mode_options
 
@@ -284,12 +274,10 @@ def build_model(device: torch.device) -> torch.nn.Module:
     return create("dcpoolformer-paper", num_classes=NUM_CLASSES).to(device).train()
 
 
-def make_step(model, ct, opt, images, masks, host_masks) -> Callable[[], None]:
+def make_step(model, ct, opt, images, masks) -> Callable[[], None]:
     def step() -> None:
         if ct is not None:
-            # As SegmentationModule.training_step does, with the labels as they were before their
-            # transfer (a no-op in paper mode).
-            ct.prefetch(masks, host_mask=host_masks)
+            ct.prefetch(masks)  # as SegmentationModule.training_step does (a no-op in paper mode)
         logits, feats = model(images, return_features=True)
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
         if ct is not None:
@@ -308,8 +296,8 @@ def step_setup(config: str, device: torch.device, batch: int):
     opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: same work as training, weights unchanged
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(device)
-    host_masks = dubai_masks(batch)
-    return make_step(model, ct, opt, images, host_masks.to(device), host_masks)
+    masks = dubai_masks(batch).to(device)
+    return make_step(model, ct, opt, images, masks)
 
 
 def _peak_rss_reset() -> bool:
@@ -407,14 +395,13 @@ def bench_step(
     opts, cts = {}, {}
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(device)
-    host_masks = dubai_masks(batch)
-    masks = host_masks.to(device)
+    masks = dubai_masks(batch).to(device)
     steps = {}
     for c in configs:  # one model (same weights and work) for all; each config its own heads/optimizer
         cts[c] = None if c == "baseline" else make_ct(c, device, clip=None)
         params = list(model.parameters()) + ([] if cts[c] is None else list(cts[c].parameters()))
         opts[c] = torch.optim.AdamW(params, lr=0.0)  # lr 0: the weights, hence the work, stay identical
-        steps[c] = make_step(model, cts[c], opts[c], images, masks, host_masks)
+        steps[c] = make_step(model, cts[c], opts[c], images, masks)
     errors: dict[str, str] = {}
     for _ in range(warmup):
         for c in list(configs):

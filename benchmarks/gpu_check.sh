@@ -82,7 +82,7 @@ part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json"
 # Not in the default PARTS: the step part alone, for the reference mode (batched terms, prefetch before
 # the forward, and without it), beside the baseline and the eager paper mode; ≈ 1–2 min.
 part ct-loss-reference 150 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
-  --memory-steps 1 --extra reference-cl-prefetch reference-cl-hostmask --json "$OUT/ct-loss-reference.json"
+  --memory-steps 1 --extra reference-cl-prefetch --json "$OUT/ct-loss-reference.json"
 # Not in the default PARTS (minutes of torch.compile): the recorded loss with compiled parts, side by side.
 part ct-loss-compiled 420 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
   --memory-steps 1 --extra paper-cl+graph paper-cl+compile+graph --json "$OUT/ct-loss-compiled.json"

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from ctseg.contrastive import PatchContrastiveLoss
-from ctseg.errors import ConfigError
 from tests.contrastive.helpers import CHANNELS, blocky_mask, seeded_calls, stage_features
 from tests.contrastive.oracle import oracle_loss
 
@@ -72,21 +71,20 @@ def test_reference_mode_parity_on_cuda(loss):
 
 @pytest.mark.parametrize("loss", ["cl", "infonce"])
 def test_reference_mode_prefetch_on_cuda_same_values_and_deterministic(loss):
-    """A prefetch (the plan made on the planner thread from counts copied to pinned memory, or counted
-    from the host labels) gives the value of the plain call exactly, and its gradients (up to the order
-    in which CUDA accumulates the gradient of rows read by several pairs); two calls with one seed
-    agree the same way; the global CPU generator ends where the plain call leaves it."""
+    """A prefetch (the plan made on the planner thread from counts copied to pinned memory) gives the
+    value of the plain call exactly, and its gradients (up to the order in which CUDA accumulates the
+    gradient of rows read by several pairs); two calls with one seed agree the same way; the global
+    CPU generator ends where the plain call leaves it."""
     feats, mask, _, _ = _cuda_inputs(seed=6)
-    host = mask.cpu()
     torch.manual_seed(0)
     fn = PatchContrastiveLoss(CHANNELS, 6, 6, loss=loss, mode="reference", clip=None).cuda()
     fn(feats, mask)  # learns the grids
     runs = []
-    for prefetch in (None, "device", "host", "host"):
+    for prefetch in (False, True, True):
         torch.manual_seed(9)
-        if prefetch is not None:
-            fn.prefetch(mask, host_mask=host if prefetch == "host" else None)
-            assert fn._prefetched is not None and (fn._prefetched.counts is None) == (prefetch == "host")
+        if prefetch:
+            fn.prefetch(mask)
+            assert fn._prefetched is not None
         out, _ = fn(feats, mask)
         grads = torch.autograd.grad(out, feats + list(fn.heads.parameters()), allow_unused=True)
         runs.append([out, torch.get_rng_state(), *grads])
@@ -94,24 +92,6 @@ def test_reference_mode_prefetch_on_cuda_same_values_and_deterministic(loss):
         assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
         for a, b in zip(runs[0][2:], other[2:], strict=True):
             assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-6, atol=1e-8)
-
-
-def test_reference_prefetch_host_mask_is_checked():
-    """A host_mask that cannot be the mask's labels is refused at once; with input checks on, one that
-    differs from the forward's labels is refused by the forward."""
-    feats, mask, _, _ = _cuda_inputs(seed=6)
-    torch.manual_seed(0)
-    fn = PatchContrastiveLoss(CHANNELS, 6, 6, mode="reference", clip=None, check_inputs=True).cuda()
-    fn(feats, mask)
-    with pytest.raises(ConfigError, match="host_mask must be"):
-        fn.prefetch(mask, host_mask=mask)  # on the device
-    with pytest.raises(ConfigError, match="host_mask must be"):
-        fn.prefetch(mask, host_mask=mask[:1].cpu())
-    other = mask.cpu()
-    other[0, :8] = (other[0, :8] + 1) % 6
-    fn.prefetch(mask, host_mask=other)
-    with pytest.raises(ConfigError, match="differs from the mask"):
-        fn(feats, mask)
 
 
 @pytest.mark.parametrize("loss", ["cl", "infonce"])

@@ -91,7 +91,7 @@ def test_reference_mode_training_step_prefetches_the_counts(monkeypatch):
 
         monkeypatch.setattr(PatchContrastiveLoss, "_take_prefetched", spy)
         if not prefetch:
-            monkeypatch.setattr(PatchContrastiveLoss, "prefetch", lambda self, mask, host_mask=None: None)
+            monkeypatch.setattr(PatchContrastiveLoss, "prefetch", lambda self, mask: None)
         steps = []
         for step in range(2):
             torch.manual_seed(10 + step)

@@ -259,32 +259,3 @@ def test_ctseg_fit_backpropagates_every_recorded_ct_call_before_the_next(synth, 
     assert not [str(w.message) for w in caught if str(w.message).startswith("CT loss, cuda_graph")]
     record = json.loads((run / "metrics.json").read_text())["history"][0]
     assert stand_in.replays == record["step"] > 0 and record["ct"]["active"] == 1.0  # one replay per step
-
-
-def test_fit_gives_the_reference_loss_each_training_batch_labels_before_their_transfer(
-    synth, tmp_path, monkeypatch
-):
-    """``on_before_batch_transfer`` keeps the training batch's host labels for ``prefetch`` (on a GPU
-    they let the reference mode count and draw on the host, never waiting for the device); validation
-    batches leave none behind. On this CPU-only machine the transfer keeps the very tensor."""
-    from ctseg.contrastive import PatchContrastiveLoss
-
-    calls = []
-    real = PatchContrastiveLoss.prefetch
-
-    def spy(self, mask, host_mask=None):
-        calls.append(host_mask is mask)
-        return real(self, mask, host_mask)
-
-    monkeypatch.setattr(PatchContrastiveLoss, "prefetch", spy)
-    pl.seed_everything(0, verbose=False)
-    module = SegmentationModule(model=FAST, model_kwargs=TINY, ct={**CT_CL, "mode": "reference"})
-    dm = SegmentationDataModule(str(synth), batch_size=2, num_workers=0, crop_size=64, val_batch_size=2)
-    trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-    )  # fmt: skip
-    trainer.fit(module, dm)
-    assert calls == [True] * 4  # 2 epochs of 2 training batches
-    assert module._host_mask is None  # consumed; the validation batches kept none
-    assert module.history[-1]["ct"]["active"] == 1.0

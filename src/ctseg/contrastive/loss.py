@@ -84,10 +84,9 @@ def _plan_on_copy(
 class _Prefetched:
     """What :meth:`PatchContrastiveLoss.prefetch` started for one mask before the model's forward.
 
-    ``planned`` is the planner thread's result: the host counts, the reference plan (draws made from
-    a copy of the global CPU generator in ``rng_state``) and that copy's state after the draws.
-    ``counts`` are the device counts where the prefetch computed them (None: counted on the host);
-    ``host_mask`` the host copy of the labels the caller gave, if any.
+    ``counts`` are the mask's class counts (on its device); ``planned`` is the planner thread's
+    result: the counts on the host, the reference plan (draws made from a copy of the global CPU
+    generator in ``rng_state``) and that copy's state after the draws.
     """
 
     mask: torch.Tensor
@@ -95,8 +94,7 @@ class _Prefetched:
     bounds: list[tuple[int, int]]
     rng_state: torch.Tensor
     planned: Future[tuple[list[torch.Tensor], ReferencePlan, torch.Tensor]]
-    counts: list[torch.Tensor] | None
-    host_mask: torch.Tensor | None
+    counts: list[torch.Tensor]
 
     def take(self, cfg: CTConfig) -> ReferencePlan:
         """The plan, as if drawn now from the global CPU generator, which it then advances as those
@@ -530,12 +528,9 @@ class PatchContrastiveLoss(nn.Module):
         # Only the reference mode prefetches (and it is never compiled: no state to trace here).
         prefetched = self._take_prefetched(mask, grids) if self.cfg.mode == "reference" else None
         with torch.autocast(device_type=mask.device.type, enabled=False):
-            counts = None if prefetched is None else prefetched.counts
-            if prefetched is not None and check:
-                self._check_host_mask(prefetched, mask)
-                if counts is None and mask.device.type == "cpu":
-                    counts = prefetched.planned.result()[0]  # counted on the host: this very mask
-            if counts is None and (prefetched is None or check):
+            if prefetched is not None:
+                counts = prefetched.counts
+            else:
                 counts = patch_class_counts(mask, self.cfg.num_classes, grids)
             flags = self._input_flags(features, mask, counts[0]) if check else None
             if flags is not None and self.cfg.mode == "reference":  # it syncs anyway: fail before any work
@@ -547,28 +542,21 @@ class PatchContrastiveLoss(nn.Module):
         return loss, packed, flags
 
     # ------------------------------------------------------------------ prefetch
-    def prefetch(self, mask: torch.Tensor, host_mask: torch.Tensor | None = None) -> None:
+    def prefetch(self, mask: torch.Tensor) -> None:
         """Start, before the model's forward, the part of the loss that needs only ``mask`` ``(B, H, W)``.
 
-        For ``mode="reference"``: its host plan, i.e. the patch class counts, the reference's CPU draws
+        For ``mode="reference"``: its host plan, i.e. the patch class counts (computed where ``mask``
+        is; on a GPU their copy to the host is queued before the forward), the reference's CPU draws
         (whose sizes are those counts) and the rows and pairs they select, made on a background thread
         while the caller queues the forward. The next ``forward`` with this very ``mask`` tensor uses
         it; any other call ignores it. Same values either way: the draws come from a copy of the global
         CPU generator, which the forward then advances as the draws would have (and if something else
         drew from it in between, such as dropout in a CPU forward, the forward draws again itself).
-
-        Args:
-            mask: the labels the forward will get (on the features' device).
-            host_mask: the same labels on the CPU, e.g. the batch before its transfer to the GPU (what
-                ``ctseg fit`` passes). The counts are then made on the host and the plan never waits
-                for the device; without it, the counts are computed on the device and copied to the
-                host (the planner thread waits for that copy alone, not for the forward).
-
         ``ctseg fit`` calls it; in your own loop::
 
-            loss_fn.prefetch(mask.to(device), host_mask=mask)   # before the forward
+            loss_fn.prefetch(mask)                       # before the forward
             logits, features = model(images)
-            ct, stats = loss_fn(features, mask.to(device))      # the very tensor given to prefetch
+            ct, stats = loss_fn(features, mask)          # the very tensor given to prefetch
 
         Needs the feature sizes, so it takes effect from the second call with a mask of this size.
         A no-op in paper mode (which never waits for the device) and without gradients.
@@ -581,38 +569,15 @@ class PatchContrastiveLoss(nn.Module):
         grids = self._grids_by_size.get(tuple(mask.shape[1:]))
         if grids is None:
             return
-        if mask.device.type == "cpu":
-            host_mask = None  # the mask is on the host already
-        elif host_mask is not None and (
-            host_mask.device.type != "cpu" or host_mask.shape != mask.shape or host_mask.dtype != mask.dtype
-        ):
-            raise ConfigError(
-                f"CT prefetch: host_mask must be the mask's labels on the CPU, {tuple(mask.shape)} "
-                f"{mask.dtype}; got {tuple(host_mask.shape)} {host_mask.dtype} on {host_mask.device}"
-            )
-        counts: list[torch.Tensor] | None = None
-        if mask.device.type == "cpu" or host_mask is not None:
-            labels = mask if host_mask is None else host_mask
-            host_counts = functools.partial(patch_class_counts, labels, self.cfg.num_classes, grids)
-        else:
-            with torch.autocast(device_type=mask.device.type, enabled=False):
-                counts = patch_class_counts(mask, self.cfg.num_classes, grids)
-            host_counts = _host_counts(counts, grids).get
+        with torch.autocast(device_type=mask.device.type, enabled=False):
+            counts = patch_class_counts(mask, self.cfg.num_classes, grids)
         bounds = group_bounds(mask.shape[0], self.group_size)
         rng_state = torch.get_rng_state()
+        host_counts = _host_counts(counts, grids).get
         planned = _planner().submit(
             _plan_on_copy, self.cfg, host_counts, grids, bounds, rng_state, mask.is_cuda
         )
-        self._prefetched = _Prefetched(mask, grids, bounds, rng_state, planned, counts, host_mask)
-
-    @staticmethod
-    def _check_host_mask(prefetched: _Prefetched, mask: torch.Tensor) -> None:
-        """With input checks on: the host labels given to prefetch must be the forward's labels."""
-        if prefetched.host_mask is not None and not torch.equal(prefetched.host_mask, mask.cpu()):
-            raise ConfigError(
-                "CT loss: the host_mask given to prefetch differs from the mask given to forward "
-                "(pass the host copy of the very labels of this batch)"
-            )
+        self._prefetched = _Prefetched(mask, grids, bounds, rng_state, planned, counts)
 
     def _take_prefetched(self, mask: torch.Tensor, grids: list[StageGrid]) -> _Prefetched | None:
         """The prefetch of this very mask with these grids (consumed), else None; remembers the grids."""

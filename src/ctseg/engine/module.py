@@ -38,12 +38,6 @@ from ctseg.engine.schedulers import list_schedules, lr_factor
 from ctseg.errors import CheckpointError, ConfigError
 
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-# SegmentationModule.on_before_batch_transfer only keeps the host labels of a batch (and returns the
-# batch as it is): Lightning's note that a module overriding it gets it called alongside a datamodule
-# is about the hook's precedence, which does not matter for this one.
-warnings.filterwarnings(
-    "ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed"
-)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -120,7 +114,6 @@ class SegmentationModule(pl.LightningModule):
         self._ct_device_names: tuple[str, ...] = ()
         self._epoch_t0 = time.perf_counter()
         self._val_epoch: int | None = None
-        self._host_mask: Tensor | None = None  # the next training batch's labels before their transfer
         if self.ct_config is not None:
             # Now, not when the model is built inside fit (after the run folder and its config exist).
             check_ct_options(self._model_ct_config())
@@ -205,27 +198,12 @@ class SegmentationModule(pl.LightningModule):
             ct["gather_negatives"] = True
         return ct
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # The labels of the training batch about to be moved to the device: the reference CT loss
-        # counts them on the host, so its draws never wait for the device (see training_step).
-        training = self._trainer is not None and self._trainer.training
-        self._host_mask = batch.get("mask") if training and isinstance(batch, dict) else None
-        return batch
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         assert self.model is not None and self.seg_loss is not None
         x, y = batch["image"], batch["mask"]
         if self.ct_config is not None:
             # Reference mode: plan the draws (on a background thread) while the forward is queued.
-            host_mask, self._host_mask = self._host_mask, None
-            if not (
-                isinstance(host_mask, Tensor)
-                and host_mask.device.type == "cpu"
-                and host_mask.shape == y.shape
-                and host_mask.dtype == y.dtype
-            ):
-                host_mask = None  # not this batch's labels on the host (e.g. a loader that yields CUDA)
-            self.model.ct_loss.prefetch(y, host_mask=host_mask)
+            self.model.ct_loss.prefetch(y)
             logits, feats = self.model(x, return_features=True)
         else:
             logits, feats = self.model(x), None
