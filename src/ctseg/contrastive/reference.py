@@ -8,13 +8,15 @@ positives first, groups outer, then stages, classes ascending). After ``torch.ma
 value equals a loop implementation of §1.3.
 
 What differs from the authors' code is only the cost. The draws need the candidate counts on the host
-(one transfer of all stages' class counts, started before the model's forward by
-``PatchContrastiveLoss.prefetch``, :class:`HostCounts`), so the work is split in two:
+(one transfer of all stages' class counts, :class:`HostCounts`), so the work is split in two:
 
-* a host plan (:func:`_draw_terms`, :func:`_place_rows` and the kind's ``plan``): per (group, stage,
-  class) term, the rows it reads, as positions into one projected batch; the lengths, pair counts
-  and stats all follow from the sizes; sent to the device in one copy per dtype (:class:`_Upload`);
-* one device pass over all terms of all groups and stages (:data:`REFERENCE_TERMS`): the projection
+* a host plan (:func:`plan_reference`: :func:`_draw_terms`, :func:`_place_rows` and the kind's
+  ``plan``): per (group, stage, class) term, the rows it reads, as positions into one projected batch;
+  the lengths, pair counts and stats all follow from the sizes; packed for one copy per dtype
+  (:class:`_Upload`). Host work only, so ``PatchContrastiveLoss.prefetch`` makes it on a background
+  thread while the model's forward is queued (with a copy of the global CPU generator);
+* one device pass over all terms of all groups and stages (:func:`evaluate_reference`,
+  :data:`REFERENCE_TERMS`): the projection
   runs once on each distinct row some term reads (same values, same gradients; on Dubai 512² crops
   ≈ 80 % of the stage-0 rows, 65 % at stage 2), then each loss kind evaluates every term at once: CL
   as segment means over the concatenated pairs, InfoNCE on terms padded to the longest.
@@ -500,21 +502,3 @@ def evaluate_reference(
         active=term_active.any(-1),
         present=sent[plan.present] > 0,
     )
-
-
-def reference_groups(
-    cfg: CTConfig,
-    heads: nn.ModuleList,
-    features: Sequence[torch.Tensor],
-    counts: HostCounts,
-    grids: Sequence[StageGrid],
-    bounds: Sequence[tuple[int, int]],
-) -> GroupResult:
-    """Plan (drawing from the global CPU generator) and evaluate every group in one call.
-
-    Args:
-        counts: the class counts, on their way to the host (the draws' sizes: the one host
-            synchronisation of this mode).
-    """
-    plan = plan_reference(cfg, counts.get(), grids, bounds, pin=features[0].is_cuda)
-    return evaluate_reference(cfg, heads, features, plan)
