@@ -24,7 +24,8 @@
 #    ct-loss-tritongemm: the same with Triton GEMMs only, an experiment; only when named, 540 s box)
 # PARTS="env pytest-gpu ct-loss" runs only the named parts (default: all six); PYTEST_ARGS replaces
 # the GPU tests' selection (default: `-m gpu tests` without the compiled-loss tests); CT_GRAPH_PARTS="snapshot workspaces" picks
-# diagnostics of part 3b; INFERENCE_ARGS replaces the extra options of part 5 (default: --repeat 5: five warm runs).
+# diagnostics of part 3b, CT_GRAPH_ARGS adds options (e.g. "--compiled": the kernels part also compiles the recorded CL
+# loss, ≈ 3 min; raise CT_GRAPH_LIMIT, the part's box, default 180 s, to 400); INFERENCE_ARGS replaces the extra options of part 5 (default: --repeat 5: five warm runs).
 set -u
 OUT="${OUT:-gpu-check-out}"
 if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then PYTHON=python3; fi
@@ -78,7 +79,7 @@ part pytest-gpu-compiled 590 "$PY" -m pytest -q -p no:cacheprovider -p no:random
 part ct-loss 200 "$PY" benchmarks/ct_loss.py --device cuda --repeats 20 --warmup 3 --memory-steps 1 \
   --json "$OUT/ct-loss.json"
 # shellcheck disable=SC2086  # word lists on purpose
-part ct-graph 180 "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json" ${CT_GRAPH_PARTS:+--parts $CT_GRAPH_PARTS}
+part ct-graph "${CT_GRAPH_LIMIT:-180}" "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json" ${CT_GRAPH_PARTS:+--parts $CT_GRAPH_PARTS} ${CT_GRAPH_ARGS:-}
 # Not in the default PARTS: the step part alone, for the reference mode (batched terms, prefetch before
 # the forward, and without it), beside the baseline and the eager paper mode; ≈ 1–2 min.
 part ct-loss-reference 150 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
