@@ -110,12 +110,7 @@ CUDA_STEP_VARIANTS = {
     },
 }
 # Extra variants run on CUDA unless --extra names others (the compiled ones cost minutes of compiling).
-DEFAULT_CUDA_EXTRA = (
-    "paper-cl+sync",
-    "paper-cl+graph",
-    "paper-infonce+graph",
-    "reference-cl-prefetch",
-)
+DEFAULT_CUDA_EXTRA = ("paper-cl+sync", "paper-cl+graph", "paper-infonce+graph", "reference-cl-prefetch")
 # Loss-alone part: the eager variants everywhere, the recorded ones on CUDA too.
 CUDA_LOSS_EXTRA = ("paper-cl+graph", "paper-infonce+graph")
 
