@@ -62,6 +62,11 @@ def test_upload_packs_one_buffer_per_dtype_and_keeps_shapes():
     storage = [packed[h].untyped_storage().data_ptr() for h in handles]
     assert storage[0] == storage[2] and storage[1] == storage[3] and storage[0] != storage[1]
     assert all(upload.send(torch.device("cpu"))[h] is p for h, p in zip(handles, parts, strict=True))
+    # Another device (here "meta", standing in for a GPU this machine lacks): one copy per dtype,
+    # views with the registered shapes and dtypes.
+    sent = upload.send(torch.device("meta"))
+    for h, p in zip(handles, parts, strict=True):
+        assert sent[h].is_meta and sent[h].dtype == p.dtype and sent[h].shape == p.shape
 
 
 @pytest.mark.parametrize(

@@ -136,19 +136,18 @@ class _Upload:
         if self._packed is None:
             self.pack(pin=device.type == "cuda")
         assert self._packed is not None
-        out: list[torch.Tensor] = list(self._tensors)
-        for flat, ks in self._packed:
-            on_device = flat.to(device, non_blocking=True)
-            parts = on_device.split([self._tensors[k].numel() for k in ks])
-            for k, part in zip(ks, parts, strict=True):
-                out[k] = part.view(self._tensors[k].shape)
-        return out
+        return self._views([flat.to(device, non_blocking=True) for flat, _ in self._packed])
 
     def packed_views(self) -> list[torch.Tensor]:
         """The registered tensors as views of the packed host buffers (what :meth:`send` copies)."""
         assert self._packed is not None, "pack() first"
+        return self._views([flat for flat, _ in self._packed])
+
+    def _views(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The registered tensors as views of ``flats``, the packed buffers (one per dtype) wherever."""
+        assert self._packed is not None
         out: list[torch.Tensor] = list(self._tensors)
-        for flat, ks in self._packed:
+        for flat, (_, ks) in zip(flats, self._packed, strict=True):
             for k, part in zip(ks, flat.split([self._tensors[k].numel() for k in ks]), strict=True):
                 out[k] = part.view(self._tensors[k].shape)
         return out
