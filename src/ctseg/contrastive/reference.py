@@ -16,10 +16,10 @@ What differs from the authors' code is only the cost. The draws need the candida
   (:class:`_Upload`). Host work only, so ``PatchContrastiveLoss.prefetch`` makes it on a background
   thread while the model's forward is queued (with a copy of the global CPU generator);
 * one device pass over all terms of all groups and stages (:func:`evaluate_reference`,
-  :data:`REFERENCE_TERMS`): the projection
-  runs once on each distinct row some term reads (same values, same gradients; on Dubai 512² crops
-  ≈ 80 % of the stage-0 rows, 65 % at stage 2), then each loss kind evaluates every term at once: CL
-  as segment means over the concatenated pairs, InfoNCE on terms padded to the longest.
+  :data:`REFERENCE_TERMS`): the projection runs once on each distinct row some term reads (same
+  values, same gradients; on Dubai 512² crops ≈ 80 % of the stage-0 rows, 65 % at stage 2), then each
+  loss kind evaluates every term at once: CL as segment means over the concatenated pairs, InfoNCE on
+  terms padded to the longest.
 
 So the device work does not grow with the number of terms: ≈ 200 operators on float tensors per
 forward + backward at B = 8 (≈ 1200 when each term had its own, which on a GPU cost more than the
@@ -64,8 +64,8 @@ class HostCounts:
     """The stages' class counts, copied to the host for the draws: one copy of all stages.
 
     On CUDA the copy goes to pinned memory asynchronously and :meth:`get` waits for it alone (an
-    event), so a copy started before the model's forward (:meth:`PatchContrastiveLoss.prefetch`) is
-    ready when the loss runs: the draws then overlap the forward instead of waiting for it.
+    event), so with a copy queued before the model's forward (:meth:`PatchContrastiveLoss.prefetch`)
+    the draws wait for the counts, not for the forward.
 
     Args:
         counts: per stage ``(B, K, h_s, w_s)`` integer counts (values ≤ the stage's patch pixels).
@@ -400,7 +400,6 @@ class ReferencePlan:
     ``scale`` and ``slot`` are indices into ``upload``.
     """
 
-    kind: ReferenceKind
     num_groups: int
     upload: _Upload
     stage_rows: list[int | None]
@@ -446,7 +445,7 @@ def plan_reference(
     h_slot = upload.add(torch.tensor(slot, dtype=torch.long)) if slot else None
     if pin:
         upload.pack(pin=True)
-    return ReferencePlan(kind, G, upload, stage_rows, plan, h_stats, h_present, h_scale, h_slot)
+    return ReferencePlan(G, upload, stage_rows, plan, h_stats, h_present, h_scale, h_slot)
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -459,7 +458,8 @@ def evaluate_reference(
     Args:
         features: the used stage maps ``(B, C_s, h_s, w_s)``.
     """
-    kind, G, S, K, T = plan.kind, plan.num_groups, len(cfg.stages), cfg.num_classes, plan.kind.num_terms
+    kind = REFERENCE_TERMS[cfg.loss]
+    G, S, K, T = plan.num_groups, len(cfg.stages), cfg.num_classes, kind.num_terms
     device = features[0].device
     sent = plan.upload.send(device)
     projected = [

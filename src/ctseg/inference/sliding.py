@@ -263,10 +263,11 @@ def iter_blended_rows(
     Host work runs beside the model: a reader thread reads and reflect-pads the next
     :data:`PREFETCH_STRIPS` strips while the current one is computed. On CUDA the strips are read into
     pinned memory and copied as raw pixels (uint8 for most scenes, 4x fewer bytes than float32) with
-    ``non_blocking=True``, queued on the compute stream; normalisation, blending and the
-    division by the summed weight are kernels on the model's device. Nothing here waits for the device, so the host can queue the next strip's
-    work while the device computes; a consumer that copies the blocks to the host asynchronously (as
-    :func:`~ctseg.inference.predict.predict_file` does) keeps the device busy all the way.
+    ``non_blocking=True``, queued on the compute stream; normalisation, blending and the division by
+    the summed weight are kernels on the model's device. Nothing here waits for the device, so the host
+    can queue the next strip's work while the device computes; a consumer that copies the blocks to the
+    host asynchronously (as :func:`~ctseg.inference.predict.predict_file` does) keeps the device busy
+    all the way.
 
     Args:
         model: maps ``(B, 3, window, window)`` normalised images to ``(B, K, window, window)`` logits
