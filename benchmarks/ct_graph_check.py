@@ -13,10 +13,9 @@ Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
 3. **Kernels**: CUDA kernels per forward + backward and their summed GPU time (torch.profiler),
    eager vs recorded.
 4. **Step**: a DCPoolFormer training step (B = 8, 512², fp32) without CT, with the eager and the
-   recorded CL loss and with the reference CL loss (with ``prefetch``): wall
-   time and summed GPU kernel time per step (wall − kernel time = time the GPU waits for the host);
-   for the reference mode the forward's wait for the planner thread and the host time of queueing
-   its device pass.
+   recorded CL loss and with the reference CL loss (with ``prefetch``): wall time and summed GPU
+   kernel time per step (wall − kernel time = time the GPU waits for the host); for the reference
+   mode the forward's wait for the planner thread and the host time of queueing its device pass.
 5. **Snapshot**: after three such steps with the recorded loss, the caching allocator's memory by
    (pool, stream) and the largest blocks outside the default pool with the line that allocated them
    (what the graphs keep: static inputs and outputs, their private pool, side-stream caches).

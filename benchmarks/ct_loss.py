@@ -26,9 +26,10 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
   ``--repeats`` steps, configurations interleaved round-robin in one process (so machine noise hits
   all alike); also the *paired* ratio, the median over rounds of (config's step / baseline's step of
   the same round) − 1, with its quartiles, which a drift of the machine between rounds does not move.
-  Peak memory, in a fresh subprocess per configuration: on CUDA ``max_memory_allocated`` and ``max_memory_reserved``; on CPU the peak of live tensor bytes from the CPU allocator's events (``cpu_memory.py``), in a fresh
-  subprocess per configuration (``--warmup`` then ``--memory-steps`` steps), with that process's peak
-  RSS (VmHWM, reset after the warm-up) as a secondary, noisy column.
+  Peak memory, in a fresh subprocess per configuration (``--warmup`` then ``--memory-steps`` steps):
+  on CUDA ``max_memory_allocated`` and ``max_memory_reserved``; on CPU the peak of live tensor bytes
+  from the CPU allocator's events (``cpu_memory.py``), with that process's peak RSS (VmHWM, reset
+  after the warm-up) as a secondary, noisy column.
 """
 
 from __future__ import annotations
