@@ -8,6 +8,7 @@ import torch
 from ctseg.contrastive import CL_MAX, CL_MIN, cl_pair_loss, info_nce
 from ctseg.contrastive.clip import CLIP_MODES
 from ctseg.contrastive.losses import hard_pairs
+from ctseg.contrastive.terms import pair_sets
 from tests.contrastive.oracle import info_nce_pkg, soft_ce
 
 
@@ -62,6 +63,35 @@ def test_hard_pairs_keep_most_and_least_similar():
     ties = hard_pairs(torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool), 0.5, most_similar=True)
     assert ties[0].tolist() == [True, True, False, False]  # stable: ties keep their order
     assert not hard_pairs(sim, torch.zeros_like(valid), 0.5, most_similar=True).any()
+
+
+def test_cl_of_a_positive_pair_is_cl_of_label_zero_at_minus_cos():
+    """What lets the paper mode evaluate both pair sets as one (``terms.PairSets``): exactly equal."""
+    cos = torch.linspace(-1, 1, 101)
+    assert torch.equal(cl_pair_loss(cos, True), cl_pair_loss(-cos, False))
+
+
+@pytest.mark.parametrize(("P", "M"), [(8, 8), (9, 6), (6, 11), (2, 5), (3, 2)])
+def test_pair_sets_mine_each_set_as_separate_calls(P, M):
+    """Both sets mined at once equal each mined alone: negative pairs (j, j) most similar, positive
+    pairs (2i, 2i+1) least similar; also for odd budgets and unequal widths."""
+    g = torch.Generator().manual_seed(P * 100 + M)
+    R, d = 5, 4
+    zp = torch.nn.functional.normalize(torch.randn(R, P, d, generator=g), dim=-1)
+    zn = torch.nn.functional.normalize(torch.randn(R, M, d, generator=g), dim=-1)
+    pos_count = torch.randint(0, P + 1, (R,), generator=g)
+    neg_count = torch.randint(0, M + 1, (R,), generator=g)
+    sets = pair_sets(zp, zn, pos_count, neg_count, 0.5)
+    n, h = min(P, M), P // 2
+    neg_sim = (zp[:, :n] * zn[:, :n]).sum(-1)
+    neg_valid = torch.arange(n) < torch.minimum(pos_count, neg_count)[:, None]
+    pos_sim = (zp[:, 0 : 2 * h : 2] * zp[:, 1 : 2 * h : 2]).sum(-1)
+    pos_valid = torch.arange(h) < (pos_count // 2)[:, None]
+    assert torch.equal(sets.negative_keep, hard_pairs(neg_sim, neg_valid, 0.5, most_similar=True))
+    assert torch.equal(sets.positive_keep, hard_pairs(pos_sim, pos_valid, 0.5, most_similar=False))
+    torch.testing.assert_close(sets.sim[0, :, :n], neg_sim)
+    torch.testing.assert_close(sets.sim[1, :, :h], -pos_sim)
+    assert not sets.keep[0, :, n:].any() and not sets.keep[1, :, h:].any()
 
 
 def test_clamp_zero_gradient_above_clip_and_scale_keeps_it():

@@ -113,6 +113,30 @@ def test_hard_negatives_are_the_most_similar_pairs():
         assert st[f"stage0/class{c}/loss_neg"] == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_hard_positives_are_the_least_similar_pairs():
+    """The kept positive pairs (2i, 2i+1) are exactly the least similar half, with CL label 1."""
+    torch.manual_seed(0)
+    fn = make("cl", stages=[0], num_positives=32, num_negatives=32)
+    mask = blocky_mask(2, 64, 64, 2, 6, block=16, seed=0, ignore_frac=0.0)
+    feats = stage_features(2, 64, 64, 0)
+    torch.manual_seed(1)
+    _, st = fn(feats, mask)
+    torch.manual_seed(1)
+    grids = stage_grids((64, 64), [tuple(feats[0].shape[2:])], [0])
+    counts = patch_class_counts(mask, 6, grids)
+    smp = SAMPLERS["random"](stage_candidates(counts, grids, [(0, 2)]), 32, 32)
+    head = fn.heads[0]
+    rows = feats[0].permute(0, 2, 3, 1).reshape(-1, 64)
+    for c in range(2):
+        zp = head(rows[smp.pos_rows[c]])
+        sim = (zp[0::2] * zp[1::2]).sum(-1)
+        hard = sim.sort().values[:8]  # 16 positive pairs, the least similar half
+        s = (hard + 1) / 2
+        lp = torch.log_softmax(torch.stack([1 - s, s], 1), 1)
+        expected = (0.9 * -lp[:, 1] - 0.05 * lp.sum(1)).mean()
+        assert st[f"stage0/class{c}/loss_pos"] == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_groups_equal_separate_calls():
     torch.manual_seed(0)
     fn = make("infonce", clip=1.0, group_size=2, clip_mode="scale")

@@ -181,6 +181,19 @@ def gather_sampled_rows(features: Sequence[torch.Tensor], samples: PaperSamples)
     ]
 
 
+def split_samples(z: torch.Tensor, num_positives: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, P + M, d)`` projected samples → positives ``(R, P, d)`` and negatives ``(R, M, d)``.
+
+    With ``P == M`` as one ``unbind``, whose backward is one stack: a slice's backward is a zero fill
+    and a copy, and the two slices' gradients are then added (on a GPU, launches are the loss's cost).
+    """
+    R, N, d = z.shape
+    if 2 * num_positives == N:
+        zp, zn = z.reshape(R, 2, num_positives, d).unbind(1)
+        return zp, zn
+    return z[:, :num_positives], z[:, num_positives:]
+
+
 def paper_results(
     cfg: CTConfig,
     heads: nn.ModuleList,
@@ -204,8 +217,7 @@ def paper_results(
     z = project_stages([heads[s] for s in cfg.stages], rows, head_params).transpose(0, 1)  # (G, S, K, P+M, d)
     G = z.shape[0]
     # Every (group, stage, class) shares the sample widths: the terms run as one batch of G·S·K rows.
-    zp = z[:, :, :, :P].reshape(G * S * K, P, -1)
-    zn = z[:, :, :, P:].reshape(G * S * K, z.shape[3] - P, -1)
+    zp, zn = split_samples(z.reshape(G * S * K, z.shape[3], -1), P)
     pos_all, neg_all = samples.pos_count.reshape(-1), samples.neg_count.reshape(-1)
     if cfg.gather_negatives:
         zn, neg_all = gather_negatives(zn, neg_all, process_group)

@@ -43,19 +43,28 @@ class Candidates:
         fraction: ``(R, N)`` float32, the share ``count / p_s²`` of the patch's pixels that are of the
             class (exactly 1 for a pure patch and 0 for one without the class: patch sizes stay far
             below 2²⁴ pixels), :data:`PADDING` in padding columns.
-        positive: ``(R, N)`` bool, every pixel of the patch is the class.
-        negative: ``(R, N)`` bool, no pixel is.
+        eligible: ``(2, R, N)`` bool, ``[positive, negative]`` stacked, so that a sampler selects both
+            sets in one operation (on a GPU each selection is a top-k of a dozen kernels).
         columns_per_image: n.
     """
 
     fraction: torch.Tensor
-    positive: torch.Tensor
-    negative: torch.Tensor
+    eligible: torch.Tensor
     columns_per_image: int
 
     @classmethod
     def from_fractions(cls, fraction: torch.Tensor, columns_per_image: int) -> Candidates:
-        return cls(fraction, fraction == 1.0, fraction == 0.0, columns_per_image)
+        return cls(fraction, torch.stack([fraction == 1.0, fraction == 0.0]), columns_per_image)
+
+    @property
+    def positive(self) -> torch.Tensor:
+        """``(R, N)`` bool, every pixel of the patch is the class."""
+        return self.eligible[0]
+
+    @property
+    def negative(self) -> torch.Tensor:
+        """``(R, N)`` bool, no pixel of the patch is the class."""
+        return self.eligible[1]
 
 
 def candidate_layout(grids: Sequence[StageGrid], bounds: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -133,18 +142,27 @@ def _pad_columns(rows: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _top_rows(
-    keys: torch.Tensor, eligible: torch.Tensor, budget: int, fill: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Columns of the ``budget`` largest keys among eligible ones, eligible first: ``(R, budget)``,
-    and per row the valid count ``(R,)`` and the number of eligible columns ``(R,)``.
+    keys: torch.Tensor, eligible: torch.Tensor, budgets: tuple[int, ...], fill: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per set j of ``eligible`` ``(J, R, N)``: the columns of the ``budgets[j]`` largest keys among
+    its eligible ones, eligible first, ``(R, budgets[j])``, the valid count ``(R,)`` and the number
+    of eligible columns ``(R,)``. One top-k serves all sets (each a row block of the same call).
 
-    ``keys`` must exceed every ``fill`` value where eligible; ineligible columns rank by ``fill``
-    (the class fraction: real patches before padding)."""
-    k = min(budget, keys.shape[-1])
-    masked = torch.where(eligible, keys, fill)
-    rows = torch.topk(masked, k, dim=-1, largest=True, sorted=True).indices
-    available = eligible.sum(-1)
-    return _pad_columns(rows, budget), torch.clamp(available, max=k), available
+    ``keys`` ``(R, N)`` must exceed every ``fill`` value where eligible; ineligible columns rank by
+    ``fill`` (the class fraction: real patches before padding)."""
+    ks = [min(b, keys.shape[-1]) for b in budgets]
+    masked = torch.where(eligible, keys, fill)  # (J, R, N)
+    rows = torch.topk(masked, max(ks), dim=-1, largest=True, sorted=True).indices
+    available = eligible.sum(-1)  # (J, R)
+    if len(set(ks)) == 1:
+        valid = torch.clamp(available, max=ks[0])
+        counts = [valid[j] for j in range(len(ks))]
+    else:
+        counts = [torch.clamp(available[j], max=k) for j, k in enumerate(ks)]
+    return [
+        (_pad_columns(rows[j, :, :k] if k < rows.shape[-1] else rows[j], b), counts[j], available[j])
+        for j, (k, b) in enumerate(zip(ks, budgets, strict=True))
+    ]
 
 
 @register_sampler("random")
@@ -163,8 +181,9 @@ def random_sample(
     """
     # Keys in [2, 3): above every fill (class fractions in [0, 1], padding below).
     keys = torch.rand(cand.fraction.shape, device=cand.fraction.device, generator=generator).add_(2.0)
-    pos_rows, pos_count, pos_available = _top_rows(keys, cand.positive, num_positives, cand.fraction)
-    neg_rows, neg_count, neg_available = _top_rows(keys, cand.negative, num_negatives, cand.fraction)
+    (pos_rows, pos_count, pos_available), (neg_rows, neg_count, neg_available) = _top_rows(
+        keys, cand.eligible, (num_positives, num_negatives), cand.fraction
+    )
     return Sample(pos_rows, pos_count, neg_rows, neg_count, pos_available, neg_available)
 
 
@@ -201,5 +220,7 @@ def confidence_sample(
     low = order[:, :h]
     high = order.gather(1, (pos_available[:, None] - 1 - i[None, :]).clamp(min=0))
     pos_rows = _pad_columns(torch.stack([low, high], dim=-1).reshape(R, 2 * h), 2 * (num_positives // 2))
-    neg_rows, neg_count, neg_available = _top_rows(conf + 2.0, cand.negative, num_negatives, cand.fraction)
+    ((neg_rows, neg_count, neg_available),) = _top_rows(
+        conf + 2.0, cand.negative[None], (num_negatives,), cand.fraction
+    )
     return Sample(pos_rows, 2 * half, neg_rows, neg_count, pos_available, neg_available)

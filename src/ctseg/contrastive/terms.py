@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ctseg.contrastive.config import CTConfig
 from ctseg.contrastive.losses import cl_pair_loss, hard_pairs, info_nce, masked_mean
@@ -30,38 +31,92 @@ class StageTerms:
     pairs: torch.Tensor
 
 
-def _negative_pairs(zp, zn, pos_count, neg_count, take_top) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarities ``(R, n)`` of the pairs (positive j, negative j) and which are hard (most similar)."""
+@dataclass
+class PairSets:
+    """Both pair sets of every row, stacked so that mining and the CL term run once for both.
+
+    Set 0 holds the negative pairs (positive j, negative j), set 1 the positive pairs (positive 2i,
+    positive 2i+1), each padded to the wider of the two, ``W = max(n, h)``.
+
+    Attributes:
+        sim: ``(2, R, W)`` float: set 0 the pairs' cosine, set 1 its *negation*. Negated, a positive
+            pair is hard when most similar, as a negative pair is, and its CL value with label 1 is
+            the CL value of label 0 (``cl_pair_loss(c, True) == cl_pair_loss(-c, False)``: the
+            smoothing term is even in ``c``): one mining and one CL evaluation serve both sets.
+            Padding slots hold 0.
+        keep: ``(2, R, W)`` bool, the hard pairs (valid pairs only).
+        n, h: widths of the negative and the positive pair sets.
+    """
+
+    sim: torch.Tensor
+    keep: torch.Tensor
+    n: int
+    h: int
+
+    @property
+    def negative_keep(self) -> torch.Tensor:
+        """``(R, n)`` bool."""
+        return self.keep[0, :, : self.n]
+
+    @property
+    def positive_keep(self) -> torch.Tensor:
+        """``(R, h)`` bool."""
+        return self.keep[1, :, : self.h]
+
+
+# The pairs' rows are views chosen for a short backward: a slice's backward is a zero fill and a
+# copy, a whole-width slice is left out, and an unbind's backward is one stack.
+def negative_pair_rows(zp, zn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the negative pairs (positive j, negative j), ``(R, n, d)`` each, n = min(P, M)."""
     n = min(zp.shape[1], zn.shape[1])
-    sim = (zp[:, :n] * zn[:, :n]).sum(-1)
-    valid = torch.arange(n, device=zp.device)[None, :] < torch.minimum(pos_count, neg_count)[:, None]
-    return sim, hard_pairs(sim, valid, take_top, most_similar=True)
+    return (zp if n == zp.shape[1] else zp[:, :n]), (zn if n == zn.shape[1] else zn[:, :n])
 
 
-def _positive_pairs(zp, pos_count, take_top) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarities ``(R, h)`` of the pairs (positive 2i, positive 2i+1) and which are hard (least similar)."""
-    h = zp.shape[1] // 2
-    sim = (zp[:, 0 : 2 * h : 2] * zp[:, 1 : 2 * h : 2]).sum(-1)
-    valid = torch.arange(h, device=zp.device)[None, :] < (pos_count // 2)[:, None]
-    return sim, hard_pairs(sim, valid, take_top, most_similar=False)
+def positive_pair_rows(zp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the positive pairs (positive 2i, positive 2i+1), ``(R, h, d)`` each, h = P // 2."""
+    R, P, d = zp.shape
+    h = P // 2
+    if P % 2 == 0:
+        even, odd = zp.reshape(R, h, 2, d).unbind(2)
+        return even, odd
+    return zp[:, 0 : 2 * h : 2], zp[:, 1 : 2 * h : 2]
+
+
+def pair_sets(zp, zn, pos_count, neg_count, take_top) -> PairSets:
+    """The negative and positive pairs of every row and the hardest ``take_top`` of each (negative
+    pairs most similar, positive pairs least similar); see :class:`PairSets`."""
+    first, second = negative_pair_rows(zp, zn)
+    even, odd = positive_pair_rows(zp)
+    n, h = first.shape[1], even.shape[1]
+    W = max(n, h)
+    neg = (first * second).sum(-1)  # (R, n)
+    pos = (even * odd).sum(-1)  # (R, h)
+    if n < W:
+        neg = F.pad(neg, (0, W - n))
+    if h < W:
+        pos = F.pad(pos, (0, W - h))
+    sim = torch.stack([neg, pos.neg()])
+    # Valid: negative pair j while j < min(counts), positive pair i while 2i + 1 < pos_count.
+    limits = torch.stack([torch.minimum(pos_count, neg_count), pos_count // 2])  # (2, R)
+    valid = torch.arange(W, device=zp.device) < limits[..., None]
+    keep = hard_pairs(sim.reshape(-1, W), valid.reshape(-1, W), take_top, most_similar=True)
+    return PairSets(sim, keep.reshape(sim.shape), n, h)
 
 
 def cl_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     """CL: mean CL over the hardest negative pairs (label 0) + over the hardest positive pairs (label 1)."""
-    neg_sim, neg_keep = _negative_pairs(zp, zn, pos_count, neg_count, cfg.take_top)
-    pos_sim, pos_keep = _positive_pairs(zp, pos_count, cfg.take_top)
+    pairs = pair_sets(zp, zn, pos_count, neg_count, cfg.take_top)
     active = (pos_count >= cfg.min_positives) & (neg_count >= cfg.min_negatives)
-    pos_active = active & (pos_count >= cfg.min_pair_positives)
-    l_neg = masked_mean(cl_pair_loss(neg_sim, False, cfg.smoothing), neg_keep)
-    l_pos = masked_mean(cl_pair_loss(pos_sim, True, cfg.smoothing), pos_keep)
-    l_neg, l_pos = torch.where(active, l_neg, 0.0), torch.where(pos_active, l_pos, 0.0)
-    pairs = neg_keep.sum(-1) * active + pos_keep.sum(-1) * pos_active
+    term_active = torch.stack([active, active & (pos_count >= cfg.min_pair_positives)], -1)  # (R, 2)
+    means = masked_mean(cl_pair_loss(pairs.sim, False, cfg.smoothing), pairs.keep)  # (2, R)
+    terms = torch.where(term_active, means.T, 0.0)  # (R, 2): loss_neg, loss_pos
+    used = (pairs.keep.sum(-1).T * term_active).sum(-1)
     return StageTerms(
-        loss=l_neg + l_pos,
-        terms=torch.stack([l_neg, l_pos], -1),
-        term_active=torch.stack([active, pos_active], -1),
+        loss=terms.sum(-1),
+        terms=terms,
+        term_active=term_active,
         active=active,
-        pairs=pairs.to(torch.float32),
+        pairs=used.to(torch.float32),
     )
 
 
@@ -72,18 +127,18 @@ def infonce_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     All pairs enter the batched products and the masks select the hard ones (the products are
     ``(R, h, n)`` with h, n ≤ 128 by default: cheaper than gathering the kept rows).
     """
-    _neg_sim, neg_keep = _negative_pairs(zp, zn, pos_count, neg_count, cfg.take_top)
-    _pos_sim, pos_keep = _positive_pairs(zp, pos_count, cfg.take_top)
-    h, n = pos_keep.shape[1], neg_keep.shape[1]
+    with torch.no_grad():  # the similarities only select pairs here
+        pairs = pair_sets(zp, zn, pos_count, neg_count, cfg.take_top)
+    even, odd = positive_pair_rows(zp)
     loss = info_nce(
-        zp[:, 0 : 2 * h : 2], zp[:, 1 : 2 * h : 2], pos_keep, zn[:, :n], neg_keep, cfg.temperature
+        even, odd, pairs.positive_keep, negative_pair_rows(zp, zn)[1], pairs.negative_keep, cfg.temperature
     )
     need_pos = max(cfg.min_positives, cfg.min_infonce)
     need_neg = max(cfg.min_negatives, cfg.min_infonce)
     active = (pos_count >= need_pos) & (neg_count >= need_neg)
     loss = torch.where(active, loss, 0.0)
-    pairs = pos_keep.sum(-1) * (1 + neg_keep.sum(-1)) * active
-    return StageTerms(loss, loss[:, None], active[:, None], active, pairs.to(torch.float32))
+    used = pairs.positive_keep.sum(-1) * (1 + pairs.negative_keep.sum(-1)) * active
+    return StageTerms(loss, loss[:, None], active[:, None], active, used.to(torch.float32))
 
 
 StageTermFn = Callable[..., StageTerms]
