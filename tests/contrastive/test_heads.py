@@ -12,6 +12,8 @@ from ctseg.contrastive.heads import (
     build_heads,
     project_rows,
     project_stages,
+    project_taken,
+    split_rows,
     take_rows,
     unit_rows,
 )
@@ -232,3 +234,20 @@ def test_unnormalized_rows_normalised_later_equal_the_head(whole_map):
 
     custom = project_rows(Custom(), feature, rows, normalized=False)
     torch.testing.assert_close(custom, project_rows(Custom(), feature, rows))
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_taken_rows_equal_the_flat_rows_and_none_is_the_whole_map(normalized):
+    """``project_taken`` (image and patch split on the host, as the reference plan sends them) equals
+    ``project_rows`` on the flat rows; ``None`` projects every row of the map in row-major order."""
+    torch.manual_seed(0)
+    head = ProjectionHead(16, 8)
+    feature = torch.randn(3, 16, 4, 5, requires_grad=True)
+    rows = torch.tensor([59, 3, 17, 40, 22])
+    taken = torch.stack(split_rows(rows, 20))
+    expected = project_rows(head, feature, rows, normalized=normalized)
+    torch.testing.assert_close(project_taken(head, feature, taken, normalized=normalized), expected)
+    whole = project_taken(head, feature, None, normalized=normalized)
+    torch.testing.assert_close(whole, project_rows(head, feature, torch.arange(60), normalized=normalized))
+    (whole.sum() + project_taken(head, feature, taken).sum()).backward()
+    assert feature.grad is not None and feature.grad.abs().sum() > 0

@@ -51,3 +51,36 @@ def test_auto_check_still_raises_on_cpu():
 def test_names_and_values_must_match():
     with pytest.raises(ValueError, match="3 values for 2 names"):
         CTStats(torch.zeros(3), ["a", "b"])
+
+
+@pytest.mark.parametrize("loss", ["cl", "infonce"])
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_reference_host_made_count_stats_equal_the_device_computed_ones(monkeypatch, loss, group_size):
+    """The reference mode sends its count statistics and per-term weights with the plan; packing
+    them from the result's fields instead (as the paper mode does) gives the same statistics."""
+    from ctseg.contrastive import loss as loss_module
+    from ctseg.contrastive.config import GroupResult
+
+    fn = PatchContrastiveLoss(
+        CHANNELS, num_classes=6, ignore_index=6, loss=loss, mode="reference", group_size=group_size
+    )
+    mask = blocky_mask(4, 64, 64, 6, 6, block=8, seed=3)
+    feats = stage_features(4, 64, 64, 1)
+    torch.manual_seed(0)
+    _, host_made = fn(feats, mask)
+    seen = []
+    original = loss_module.PatchContrastiveLoss._pack_stats
+
+    def without_host_parts(self, loss_value, raws, res: GroupResult):
+        seen.append(res.count_stats is not None and res.term_weights is not None)
+        res = GroupResult(**{**res.__dict__, "count_stats": None, "term_weights": None})
+        return original(self, loss_value, raws, res)
+
+    monkeypatch.setattr(loss_module.PatchContrastiveLoss, "_pack_stats", without_host_parts)
+    torch.manual_seed(0)
+    _, computed = fn(feats, mask)
+    assert seen == [True]
+    assert list(host_made) == list(computed)
+    for name in host_made:
+        assert host_made[name] == pytest.approx(computed[name], rel=1e-6, abs=1e-7), name
+    assert host_made["active"] == 1.0 and sum(host_made[f"stage0/class{c}/pairs"] for c in range(6)) > 0

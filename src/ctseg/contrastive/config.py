@@ -80,6 +80,11 @@ class GroupResult:
         term_active: ``(S, K, T)`` bool.
         active: ``(S, K)`` bool, the (stage, class) term contributed.
         present: ``(K,)`` bool, the class occurs in the group's mask.
+        count_stats: the statistics that depend on the counts only, packed
+            (:func:`~ctseg.contrastive.stats.count_stats`), when the mode knew them on the host and
+            sent them with its plan (reference mode); None: computed from the fields above.
+        term_weights: the weights of the per-term means over groups, ``(G, S, K, T)``, likewise
+            (:func:`~ctseg.contrastive.stats.term_weights`).
     """
 
     loss: torch.Tensor
@@ -90,13 +95,8 @@ class GroupResult:
     term_active: torch.Tensor
     active: torch.Tensor
     present: torch.Tensor
-
-    @classmethod
-    def stack(cls, results: Sequence[GroupResult]) -> GroupResult:
-        """Results of single groups → one result with a leading group dimension G."""
-        return cls(
-            **{name: torch.stack([getattr(r, name) for r in results]) for name in cls.__dataclass_fields__}
-        )
+    count_stats: torch.Tensor | None = None
+    term_weights: torch.Tensor | None = None
 
 
 def as_stage_tuple(stages: Sequence[int] | None, num_maps: int) -> tuple[int, ...]:

@@ -230,3 +230,17 @@ def project_rows(
         z = head(feature.flatten(2).transpose(1, 2).reshape(n_map, C))
         return z[rows.reshape(-1)].reshape(*rows.shape, z.shape[-1])
     return head(gather_rows(feature, rows))
+
+
+def project_taken(
+    head: nn.Module, feature: torch.Tensor, taken: torch.Tensor | None, normalized: bool = True
+) -> torch.Tensor:
+    """``head`` applied to rows of ``feature`` ``(B, C, h, w)`` given by their image and patch,
+    ``taken`` ``(2, N)`` (:func:`split_rows` already applied) → ``(N, d)``; ``taken=None``: every row of
+    the map in row-major ``(b, i, j)`` order → ``(B·h·w, d)``. ``normalized`` as in :func:`project_rows`."""
+    if not normalized and isinstance(head, ProjectionHead):
+        head = head.unnormalized
+    if taken is None:
+        C = feature.shape[1]
+        return head(feature.flatten(2).transpose(1, 2).reshape(-1, C))
+    return head(take_rows(feature, taken[0], taken[1]))

@@ -21,7 +21,7 @@ from ctseg.contrastive.paper import gather_sampled_rows, group_bounds, paper_res
 from ctseg.contrastive.patches import StageGrid, patch_class_counts, patch_class_means, stage_grids
 from ctseg.contrastive.reference import HostCounts, ReferencePlan, evaluate_reference, plan_reference
 from ctseg.contrastive.sampling import SAMPLERS
-from ctseg.contrastive.stats import CTStats
+from ctseg.contrastive.stats import CTStats, count_stats, term_weights
 from ctseg.contrastive.terms import PAPER_TERMS
 from ctseg.errors import ConfigError, CtsegError, DataError
 from ctseg.utils.registry import Registry
@@ -602,30 +602,20 @@ class PatchContrastiveLoss(nn.Module):
         """All stats packed in one ``(N,)`` float32 device tensor, in the order of :attr:`stat_names`.
 
         ``res`` has a leading group dimension G; counts are summed over groups, per-term losses averaged
-        over the groups where the term was active.
+        over the groups where the term was active. What depends on the counts only comes with ``res``
+        when the mode made it on the host (reference mode): on a GPU each operator here costs more host
+        time than device time.
         """
         clip = float("inf") if self.clip is None or self.clip_mode == "none" else self.clip
-        pos, neg, pairs = res.positives.sum(0), res.negatives.sum(0), res.pairs.sum(0)  # (S, K)
-        t_act = res.term_active.float()  # (G, S, K, T)
-        terms = (res.terms * t_act).sum(0) / t_act.sum(0).clamp(min=1)
-        n_terms = res.present.sum(-1).float().sum() * len(self.cfg.stages)
-        skipped = (res.present[:, None, :] & ~res.active).sum().float()
         raws = raws.detach()
-        head = torch.stack(
-            [
-                raws.mean(),
-                loss.detach(),
-                (raws > clip).float().mean(),
-                res.active.any().float(),
-                skipped / n_terms.clamp(min=1),
-            ]
-        )
-        parts = [head, pos.sum(-1), neg.sum(-1), pairs.sum(-1), pos.flatten(), neg.flatten(), pairs.flatten()]
-        parts.append(terms.flatten())
-        # Every part is on the loss's device already (the reference mode moves its counts there).
-        return torch.cat(
-            [p.reshape(-1) if p.dtype == torch.float32 else p.reshape(-1).float() for p in parts]
-        )
+        head = torch.stack([raws.mean(), loss.detach(), (raws > clip).float().mean()])
+        counts = res.count_stats
+        if counts is None:
+            counts = count_stats(res.positives, res.negatives, res.pairs, res.active, res.present)
+        weights = term_weights(res.term_active) if res.term_weights is None else res.term_weights
+        terms = (res.terms * weights).sum(0)
+        # Every part is on the loss's device already (the reference mode sends its counts there).
+        return torch.cat([head, counts, terms.flatten()])
 
     def _checks_inputs(self, mask: torch.Tensor) -> bool:
         if self.check_inputs is None:  # auto: only where reading a value costs no device sync

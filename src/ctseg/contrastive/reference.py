@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from ctseg.contrastive.config import CTConfig, GroupResult
-from ctseg.contrastive.heads import project_rows, unit_rows
+from ctseg.contrastive.heads import project_taken, unit_rows
 from ctseg.contrastive.losses import cl_pair_loss, info_nce
 from ctseg.contrastive.patches import StageGrid
+from ctseg.contrastive.stats import count_stats, term_weights
 from ctseg.utils.registry import Registry
 
 
@@ -365,7 +366,7 @@ def _draw_terms(
     return terms, torch.from_numpy(present)
 
 
-def _place_rows(terms: Sequence[_Term], grids: Sequence[StageGrid], batch: int) -> list[torch.Tensor | None]:
+def _place_rows(terms: Sequence[_Term], grids: Sequence[StageGrid], batch: int) -> list[np.ndarray | None]:
     """The distinct rows each stage must project (None: none), and every term's ``positions`` into
     their concatenation over stages.
 
@@ -374,7 +375,7 @@ def _place_rows(terms: Sequence[_Term], grids: Sequence[StageGrid], batch: int) 
     come from a mark per patch and their ranks from its running count (linear; a sort-based
     ``torch.unique`` took several ms of host time at stage 0).
     """
-    stage_rows: list[torch.Tensor | None] = []
+    stage_rows: list[np.ndarray | None] = []
     offset = 0
     for i, grid in enumerate(grids):
         own = [t for t in terms if t.stage == i]
@@ -392,19 +393,37 @@ def _place_rows(terms: Sequence[_Term], grids: Sequence[StageGrid], batch: int) 
             for seg in t.segments:
                 t.positions.append(inverse[at : at + len(seg)])
                 at += len(seg)
-        stage_rows.append(torch.from_numpy(rows))
+        stage_rows.append(rows)
         offset += len(rows)
     return stage_rows
 
 
 # --------------------------------------------------------------------------------------------- plan
+# ReferencePlan.stage_rows: the stage projects every patch of its map, in row-major (b, i, j) order.
+EVERY_ROW = -1
+
+
+def _stage_rows(upload: _Upload, rows: np.ndarray | None, grid: StageGrid, batch: int) -> int | None:
+    """Register the distinct flat rows a stage projects as ``(2, n)`` image and patch indices (split
+    here, not by two device operators per stage in the forward); :data:`EVERY_ROW` when they are all
+    the map's patches, which the device pass then projects without an index."""
+    if rows is None:
+        return None
+    per_image = grid.h * grid.w
+    if len(rows) == batch * per_image:  # distinct and sorted: exactly 0 … B·h·w − 1
+        return EVERY_ROW
+    return upload.add(torch.from_numpy(np.stack(np.divmod(rows, per_image))))
+
+
 @dataclass
 class ReferencePlan:
     """Everything the host decides for one call (draws included), ready to be sent to the device.
 
     Made by :func:`plan_reference` (host work only, so it can run on another thread while the model's
-    forward is queued), evaluated by :func:`evaluate_reference`. ``stage_rows``, ``stats``, ``present``,
-    ``scale`` and ``slot`` are indices into ``upload``.
+    forward is queued), evaluated by :func:`evaluate_reference`. ``stats``, ``present``, ``scale``,
+    ``slot``, ``count_stats`` and ``term_weights`` are indices into ``upload``; so is ``stage_rows[i]``,
+    the ``(2, n)`` image and patch of the rows stage i projects, unless it is None (no row) or
+    :data:`EVERY_ROW`.
     """
 
     num_groups: int
@@ -415,6 +434,8 @@ class ReferencePlan:
     present: int
     scale: int
     slot: int | None
+    count_stats: int
+    term_weights: int
 
 
 def plan_reference(
@@ -438,7 +459,11 @@ def plan_reference(
     G, S, K, T = len(bounds), len(cfg.stages), cfg.num_classes, kind.num_terms
     terms, present = _draw_terms(cfg, counts, grids, bounds, kind, generator)
     upload = _Upload()
-    stage_rows = [None if r is None else upload.add(r) for r in _place_rows(terms, grids, counts[0].shape[0])]
+    B = counts[0].shape[0]
+    stage_rows = [
+        _stage_rows(upload, rows, grid, B)
+        for rows, grid in zip(_place_rows(terms, grids, B), grids, strict=True)
+    ]
     plan = kind.plan(terms, cfg, upload) if terms else _KindPlan([], [], [])
     stats = torch.zeros(3 + T, G, S, K)  # positives, negatives, pairs, then term_active per sub-term
     if terms:
@@ -448,11 +473,17 @@ def plan_reference(
         stats[:, at[0], at[1], at[2]] = per_term.T
     per_group = 1.0 / (S * present.sum(-1).clamp(min=1).float())  # the reference's / S / classes
     h_stats, h_present, h_scale = (upload.add(t) for t in (stats, present.float(), per_group))
+    # The statistics that need no loss value, made here rather than as device operators in the forward.
+    term_active = stats[3:].permute(1, 2, 3, 0) > 0  # (G, S, K, T)
+    h_counts = upload.add(count_stats(stats[0], stats[1], stats[2], term_active.any(-1), present))
+    h_weights = upload.add(term_weights(term_active))
     slot = [((terms[j].group * S + terms[j].stage) * K + terms[j].c) * T + t for j, t in plan.slots]
     h_slot = upload.add(torch.tensor(slot, dtype=torch.long)) if slot else None
     if pin:
         upload.pack(pin=True)
-    return ReferencePlan(G, upload, stage_rows, plan, h_stats, h_present, h_scale, h_slot)
+    return ReferencePlan(
+        G, upload, stage_rows, plan, h_stats, h_present, h_scale, h_slot, h_counts, h_weights
+    )
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -470,7 +501,7 @@ def evaluate_reference(
     device = features[0].device
     sent = plan.upload.send(device)
     projected = [
-        (heads[s], f, sent[h])
+        (heads[s], f, None if h == EVERY_ROW else sent[h])
         for s, f, h in zip(cfg.stages, features, plan.stage_rows, strict=True)
         if h is not None
     ]
@@ -479,7 +510,7 @@ def evaluate_reference(
         # No list of the stages' projections survives the concatenation (it would double them), and
         # the concatenation is handed over to the loss kind, which frees it after its gathers.
         # Normalised once for all stages: 5 operators instead of 5 per stage.
-        raw = torch.cat([project_rows(head, f, rows, normalized=False) for head, f, rows in projected])
+        raw = torch.cat([project_taken(head, f, taken, normalized=False) for head, f, taken in projected])
         handoff = [unit_rows(raw)]
         values = values.index_put((sent[plan.slot],), kind.evaluate(handoff, plan.plan, sent, cfg))
     loss = values.view(G, S * K * T).sum(-1) * sent[plan.scale]
@@ -507,4 +538,6 @@ def evaluate_reference(
         term_active=term_active,
         active=term_active.any(-1),
         present=sent[plan.present] > 0,
+        count_stats=sent[plan.count_stats],
+        term_weights=sent[plan.term_weights],
     )

@@ -71,3 +71,32 @@ class CTStats(Mapping[str, float]):
         if self._floats is None:
             return f"CTStats({len(self._names)} values on {self._tensor.device}, not fetched)"
         return f"CTStats({dict(zip(self._names, self._floats, strict=True))!r})"
+
+
+def count_stats(
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    pairs: torch.Tensor,
+    active: torch.Tensor,
+    present: torch.Tensor,
+) -> torch.Tensor:
+    """The statistics that depend on the counts only, from the fields of a
+    :class:`~ctseg.contrastive.config.GroupResult` with a leading group dimension G (``(G, S, K)``
+    counts and ``active``, ``(G, K)`` ``present``), packed as they follow the three loss values in
+    :attr:`PatchContrastiveLoss.stat_names <ctseg.contrastive.loss.PatchContrastiveLoss.stat_names>`:
+    ``active``, ``skipped_fraction``, per stage positives, negatives and pairs (summed over classes),
+    then the same per (stage, class); counts summed over groups. ``(2 + 3·S + 3·S·K,)`` float32, on
+    the inputs' device (the reference mode makes them on the host, with its plan)."""
+    S = active.shape[1]
+    per_class = torch.stack([positives, negatives, pairs]).sum(1).float()  # (3, S, K)
+    n_terms = present.sum() * S
+    skipped = (present[:, None, :] & ~active).sum()
+    flags = torch.stack([active.any().float(), skipped.float() / n_terms.clamp(min=1).float()])
+    return torch.cat([flags, per_class.sum(-1).flatten(), per_class.flatten()])
+
+
+def term_weights(term_active: torch.Tensor) -> torch.Tensor:
+    """``(G, S, K, T)`` bool → float32 weights whose sum over groups of ``weights · terms`` is each
+    term's mean over the groups where it was active (0 where it never was)."""
+    active = term_active.float()
+    return active / active.sum(0).clamp(min=1)
