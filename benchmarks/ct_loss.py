@@ -6,6 +6,7 @@ Usage (CPU; figures in docs/benchmarks.md, section "CT loss"):
     .venv/bin/python benchmarks/ct_loss.py --part loss --batch 8 16 --repeats 5
     .venv/bin/python benchmarks/ct_loss.py --part step --repeats 3 --json runs/ct_bench.json
     .venv/bin/python benchmarks/ct_loss.py --part launches --batch 8
+    .venv/bin/python benchmarks/ct_loss.py --part plan --batch 8 16 --repeats 20
     .venv/bin/python benchmarks/ct_loss.py --device cuda          # on a GPU machine
     .venv/bin/python benchmarks/ct_loss.py --device cuda --part step --extra paper-cl+graph paper-cl+compile
 
@@ -19,6 +20,10 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
   top-level ATen operators (all, and those that compute: not views or metadata) and, on CUDA, the
   device kernels and copies. On a GPU the eager loss is bound by the host's launch cost, so these
   counts are the machine-independent measure of its time overhead there; they need no GPU to measure.
+* ``--part plan``: the reference mode's host plan alone (``reference.plan_reference``: the draws, the
+  rows and pairs, the packing), from the label crops' class counts on the host, B = each ``--batch``:
+  median and minimum of ``--repeats`` calls after three untimed ones. On a GPU the forward waits for
+  this plan when it takes longer than queueing the model's forward (``prefetch`` starts it there).
 * ``--part step``: one training step of ``ctseg.models.create("dcpoolformer-paper")`` at B = 8, 512²
   (forward with features, cross-entropy, + CT, backward, AdamW step) without CT (baseline) and with
   each CT variant; the step calls ``ct.prefetch(masks)`` before the forward, as ``ctseg fit`` does
@@ -207,6 +212,31 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
             with LiveTensorBytes() as meter, meter.window():
                 step(v)
             out[v]["peak_extra_gib"] = (meter.peak_bytes - meter.start_bytes) / 2**30
+    return out
+
+
+# --------------------------------------------------------------------------- host plan
+def bench_plan(batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median and minimum time (s) of the reference mode's host plan, per reference variant."""
+    from ctseg.contrastive.paper import group_bounds
+    from ctseg.contrastive.patches import patch_class_counts
+    from ctseg.contrastive.reference import plan_reference
+
+    feats, mask = loss_inputs(batch, torch.device("cpu"))
+    out = {}
+    for v in (v for v in VARIANTS if VARIANTS[v]["mode"] == "reference"):
+        ct = make_ct(v, torch.device("cpu"))
+        grids = ct._grids(feats, mask)
+        counts = patch_class_counts(mask, NUM_CLASSES, grids)
+        bounds = group_bounds(batch, None)
+        for _ in range(3):
+            plan_reference(ct.cfg, counts, grids, bounds)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            plan_reference(ct.cfg, counts, grids, bounds)
+            times.append(time.perf_counter() - t0)
+        out[v] = {"median_s": statistics.median(times), "min_s": min(times)}
     return out
 
 
@@ -498,7 +528,7 @@ def measure_step_memory(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["loss", "launches", "step", "all"], default="all")
+    ap.add_argument("--part", choices=["loss", "launches", "plan", "step", "all"], default="all")
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="loss part; the step part uses B=8")
     ap.add_argument(
         "--step-batch", type=int, default=8, help="step part batch size (the target is stated at 8)"
@@ -551,6 +581,13 @@ def main() -> None:
                 f"  {v:18s} ATen ops {r['ops']:5d}   of which compute {r['compute_ops']:5d}"
                 f"   on float tensors {r['float_ops']:4d}{kernels}"
             )
+    if args.part in ("plan", "all"):
+        for b in args.batch:
+            res = bench_plan(b, args.repeats)
+            results[f"plan_B{b}"] = res
+            print(f"\nReference host plan alone, B={b}, {SIZE}², {torch.get_num_threads()} thread(s):")
+            for v, r in res.items():
+                print(f"  {v:18s} median {r['median_s'] * 1000:7.2f} ms   min {r['min_s'] * 1000:7.2f} ms")
     if args.part in ("step", "all"):
         res = bench_step(args.repeats, device, args.step_batch, args.warmup, args.memory_steps, args.extra)
         results[f"step_B{args.step_batch}"] = res

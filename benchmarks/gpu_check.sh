@@ -18,7 +18,8 @@
 #      images/s, time and peak-memory ratios vs the no-CT row (benchmarks/training.py)
 #   5. sliding-window inference on generated 3000² / 6000² GeoTIFFs (benchmarks/inference.py)
 # Everything goes under $OUT; $OUT/summary.md lists each part with its exit status and duration.
-#   (ct-loss-reference: part 3's step timing of the reference mode, with and without prefetch; only
+#   (ct-loss-reference: the reference mode's host plan alone on this CPU, then part 3's step timing of
+#    the reference mode, with and without prefetch; only
 #    when named in PARTS, 150 s box;
 #    ct-loss-compiled: like 3 with the compiled recorded loss; only when named in PARTS, 420 s box;
 #    ct-loss-tritongemm: the same with Triton GEMMs only, an experiment; only when named, 540 s box)
@@ -80,10 +81,12 @@ part ct-loss 200 "$PY" benchmarks/ct_loss.py --device cuda --repeats 20 --warmup
   --json "$OUT/ct-loss.json"
 # shellcheck disable=SC2086  # word lists on purpose
 part ct-graph "${CT_GRAPH_LIMIT:-180}" "$PY" benchmarks/ct_graph_check.py --json "$OUT/ct-graph.json" ${CT_GRAPH_PARTS:+--parts $CT_GRAPH_PARTS} ${CT_GRAPH_ARGS:-}
-# Not in the default PARTS: the step part alone, for the reference mode (batched terms, prefetch before
-# the forward, and without it), beside the baseline and the eager paper mode; ≈ 1–2 min.
-part ct-loss-reference 150 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
-  --memory-steps 1 --extra reference-cl-prefetch --json "$OUT/ct-loss-reference.json"
+# Not in the default PARTS: the reference mode's host plan on this machine's CPU (its table is in the
+# log), then the step part alone, for the reference mode (batched terms, prefetch before the forward,
+# and without it), beside the baseline and the eager paper mode; ≈ 1–2 min.
+part ct-loss-reference 150 bash -c "\"$PY\" benchmarks/ct_loss.py --part plan --batch 8 --repeats 20; \
+  \"$PY\" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 --memory-steps 1 \
+  --extra reference-cl-prefetch --json \"$OUT/ct-loss-reference.json\""
 # Not in the default PARTS (minutes of torch.compile): the recorded loss with compiled parts, side by side.
 part ct-loss-compiled 420 "$PY" benchmarks/ct_loss.py --device cuda --part step --repeats 20 --warmup 3 \
   --memory-steps 1 --extra paper-cl+graph paper-cl+compile+graph --json "$OUT/ct-loss-compiled.json"
