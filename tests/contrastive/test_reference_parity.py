@@ -110,3 +110,31 @@ def test_infonce_small_branch_consumes_two_permutations():
     torch.manual_seed(4)
     oracle_loss(fn.heads, feats, mask, loss="infonce", ignore_index=6)
     assert torch.rand(1).item() == after_ours  # same number of RNG draws
+
+
+def test_parity_when_a_stage_projects_every_patch(monkeypatch):
+    """Two classes in halves, InfoNCE: every patch of every stage is a positive or a negative of class
+    0 and all of them are zipped, so the plan marks each stage EVERY_ROW (the device pass projects the
+    whole map, no index); the value and the features' gradients still equal the oracle's."""
+    from ctseg.contrastive import loss as loss_module
+    from ctseg.contrastive import reference
+
+    plans = []
+
+    def recording(*args, **kwargs):
+        plans.append(reference.plan_reference(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(loss_module, "plan_reference", recording)
+    mask = torch.zeros(8, 64, 64, dtype=torch.long)
+    mask[:, :, 32:] = 1
+    fn = PatchContrastiveLoss(CHANNELS, num_classes=2, loss="infonce", mode="reference", clip=None)
+    feats = stage_features(8, 64, 64, 0)
+    ours, ref, _ = _pair(fn, feats, mask, 0, loss="infonce", ignore_index=None)
+    assert [p.stage_rows for p in plans] == [[reference.EVERY_ROW] * 4]
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-5)
+    ours_grads = torch.autograd.grad(ours, feats, retain_graph=True)
+    ref_grads = torch.autograd.grad(ref, feats)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
