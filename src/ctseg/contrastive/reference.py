@@ -237,8 +237,10 @@ def _cl_evaluate(
     ~1e-16·n, exact enough for segments of any length). An empty sub-term gives 0."""
     pairs = sent[plan.tensors["pairs"]]
     z = handoff.pop()
-    first, second = z[pairs[0]], z[pairs[1]]
-    del z  # the projections are not needed once gathered (the gathers save only their indices)
+    # One gather for both sides of the pairs (its backward is one indexed accumulation, several kernels
+    # on CUDA), split by an unbind (whose backward is one stack).
+    first, second = z[pairs[:2]].unbind(0)
+    del z  # the projections are not needed once gathered (the gather saves only its indices)
     # Product and sum, not einsum: einsum makes it a batched matrix product of 1×d by d×1, which cuBLAS
     # runs as a slow GEMV (0.9 ms of the loss's 4.7 ms of kernels on an H100, B = 8).
     per_pair = cl_pair_loss((first * second).sum(-1), pairs[2].bool(), cfg.smoothing)
@@ -301,7 +303,8 @@ def _infonce_evaluate(
     Q, K = plan.sizes["queries"], plan.sizes["negatives"]
     i_q = torch.arange(Q, device=z.device)
     keys = P.gather(1, (sizes[2, :, None] + i_q) % M)  # past q: distinct slots (masked), not one
-    queries, keys, negatives = z[P[:, :Q]], z[keys], z[N[:, :K]]
+    # One gather for queries, keys and negatives, as in _cl_evaluate.
+    queries, keys, negatives = z[torch.cat([P[:, :Q], keys, N[:, :K]], dim=1)].split([Q, Q, K], dim=1)
     del z  # as in _cl_evaluate
     q_valid, n_valid = i_q < sizes[2, :, None], torch.arange(K, device=queries.device) < sizes[1, :, None]
     return info_nce(queries, keys, q_valid, negatives, n_valid, cfg.temperature)
