@@ -88,53 +88,45 @@ def test_only_sampled_rows_are_projected(monkeypatch):
     assert seen[0] == 6 * (16 + 16) < 2 * 32 * 32  # stage 0: K·(P+M) rows, not the 2048-row map
 
 
-def test_hard_negatives_are_the_most_similar_pairs():
-    """The kept negative pairs are exactly the most similar half (paper text, not the no-op sort)."""
+def _stage0_call_and_its_sample():
+    """A stage-0 CL call (2 classes, budgets 32/32) and, redrawn with the same seed, its sample: the
+    stats, the positive and negative rows' projections per class, for checking the terms by hand."""
     torch.manual_seed(0)
     fn = make("cl", stages=[0], num_positives=32, num_negatives=32)
     mask = blocky_mask(2, 64, 64, 2, 6, block=16, seed=0, ignore_frac=0.0)
     feats = stage_features(2, 64, 64, 0)
     torch.manual_seed(1)
     _, st = fn(feats, mask)
-    # redo the sampling with the same draws and compute the expected hard-negative term by hand
     torch.manual_seed(1)
     grids = stage_grids((64, 64), [tuple(feats[0].shape[2:])], [0])
     counts = patch_class_counts(mask, 6, grids)
     smp = SAMPLERS["random"](stage_candidates(counts, grids, [(0, 2)]), 32, 32)
-    head = fn.heads[0]
     rows = feats[0].permute(0, 2, 3, 1).reshape(-1, 64)
-    for c in range(2):
-        zp, zn = head(rows[smp.pos_rows[c]]), head(rows[smp.neg_rows[c]])
-        sim = (zp * zn).sum(-1)
-        hard = sim.sort(descending=True).values[:16]
-        s = (hard + 1) / 2
-        lp = torch.log_softmax(torch.stack([1 - s, s], 1), 1)
-        expected = (0.9 * -lp[:, 0] - 0.05 * lp.sum(1)).mean()
-        assert st[f"stage0/class{c}/loss_neg"] == pytest.approx(expected.item(), abs=1e-5)
+    projected = [(fn.heads[0](rows[smp.pos_rows[c]]), fn.heads[0](rows[smp.neg_rows[c]])) for c in range(2)]
+    return st, projected
+
+
+def _mean_cl(cos: torch.Tensor, label: int) -> float:
+    """The paper's CL (cosine mapped to [0, 1], soft cross-entropy, smoothing 0.1), mean over pairs."""
+    s = (cos + 1) / 2
+    lp = torch.log_softmax(torch.stack([1 - s, s], 1), 1)
+    return (0.9 * -lp[:, label] - 0.05 * lp.sum(1)).mean().item()
+
+
+def test_hard_negatives_are_the_most_similar_pairs():
+    """The kept negative pairs are exactly the most similar half (paper text, not the no-op sort)."""
+    st, projected = _stage0_call_and_its_sample()
+    for c, (zp, zn) in enumerate(projected):
+        hard = (zp * zn).sum(-1).sort(descending=True).values[:16]
+        assert st[f"stage0/class{c}/loss_neg"] == pytest.approx(_mean_cl(hard, 0), abs=1e-5)
 
 
 def test_hard_positives_are_the_least_similar_pairs():
     """The kept positive pairs (2i, 2i+1) are exactly the least similar half, with CL label 1."""
-    torch.manual_seed(0)
-    fn = make("cl", stages=[0], num_positives=32, num_negatives=32)
-    mask = blocky_mask(2, 64, 64, 2, 6, block=16, seed=0, ignore_frac=0.0)
-    feats = stage_features(2, 64, 64, 0)
-    torch.manual_seed(1)
-    _, st = fn(feats, mask)
-    torch.manual_seed(1)
-    grids = stage_grids((64, 64), [tuple(feats[0].shape[2:])], [0])
-    counts = patch_class_counts(mask, 6, grids)
-    smp = SAMPLERS["random"](stage_candidates(counts, grids, [(0, 2)]), 32, 32)
-    head = fn.heads[0]
-    rows = feats[0].permute(0, 2, 3, 1).reshape(-1, 64)
-    for c in range(2):
-        zp = head(rows[smp.pos_rows[c]])
-        sim = (zp[0::2] * zp[1::2]).sum(-1)
-        hard = sim.sort().values[:8]  # 16 positive pairs, the least similar half
-        s = (hard + 1) / 2
-        lp = torch.log_softmax(torch.stack([1 - s, s], 1), 1)
-        expected = (0.9 * -lp[:, 1] - 0.05 * lp.sum(1)).mean()
-        assert st[f"stage0/class{c}/loss_pos"] == pytest.approx(expected.item(), abs=1e-5)
+    st, projected = _stage0_call_and_its_sample()
+    for c, (zp, _zn) in enumerate(projected):
+        hard = (zp[0::2] * zp[1::2]).sum(-1).sort().values[:8]  # 16 positive pairs, the least similar half
+        assert st[f"stage0/class{c}/loss_pos"] == pytest.approx(_mean_cl(hard, 1), abs=1e-5)
 
 
 def test_groups_equal_separate_calls():
