@@ -44,7 +44,9 @@ SUMMARY="$OUT/summary.md"
   echo "# ctseg GPU check"
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (the device machine's copy may show an older HEAD)"
+  # What ran: a hash of the Python sources, comparable with the same command in a checkout.
+  echo "- sources: $(find src benchmarks -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12)"
   echo
   echo "| part | exit | seconds | log |"
   echo "|---|---|---|---|"
