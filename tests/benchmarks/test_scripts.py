@@ -86,6 +86,19 @@ def test_ct_loss_benchmark_counts_the_dispatched_operators(tmp_path: Path):
     assert counts["paper-infonce"]["compute_ops"] < counts["paper-cl"]["compute_ops"]
 
 
+def test_ct_loss_benchmark_times_the_reference_host_plan(tmp_path: Path):
+    shared_data_path("dubai")  # the benchmark's label crops; skips when absent
+    out = tmp_path / "plan.json"
+    run_script(
+        "ct_loss.py", "--part", "plan", "--batch", "2", "--size", "64", "--repeats", "3", "--threads", "1",
+        "--json", str(out),
+    )  # fmt: skip
+    plan = json.loads(out.read_text())["plan_B2"]
+    assert set(plan) == {"reference-cl", "reference-infonce"}  # paper mode has no host plan
+    for name, r in plan.items():
+        assert 0 < r["min_s"] <= r["median_s"], name
+
+
 @pytest.mark.slow
 def test_ct_loss_benchmark_step_part_measures_time_and_memory(tmp_path: Path):
     shared_data_path("dubai")  # the benchmark's label crops; skips when absent
