@@ -203,44 +203,38 @@ class _LateRowsGrad(torch.autograd.Function):
         return zero, None, None, None
 
 
-def gather_rows(feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of a feature map by flat patch index (:func:`split_rows`): ``(B, C, h, w)``, ``(*S,)`` →
-    ``(*S, C)``."""
-    _B, C, h, w = feature.shape
-    image, patch = split_rows(rows.reshape(-1), h * w)
-    return take_rows(feature, image, patch).reshape(*rows.shape, C)
-
-
-def project_rows(
-    head: nn.Module, feature: torch.Tensor, rows: torch.Tensor, normalized: bool = True
+def project_taken(
+    head: nn.Module, feature: torch.Tensor, taken: torch.Tensor | None, normalized: bool = True
 ) -> torch.Tensor:
-    """``head`` applied to the given patch rows of ``feature``: ``(B, C, h, w)``, ``(*S,)`` → ``(*S, d)``.
+    """``head`` applied to rows of ``feature`` ``(B, C, h, w)`` given by their image and patch,
+    ``taken`` ``(2, N)`` (:func:`split_rows` already applied) → ``(N, d)``; ``taken=None``: every row of
+    the map in row-major ``(b, i, j)`` order → ``(B·h·w, d)``.
 
-    When more rows are requested than the map has patches (small maps, large budgets), projecting
-    the whole map once and indexing the result is cheaper than projecting duplicates.
     ``normalized=False``: a :class:`ProjectionHead` leaves out its final L2 normalisation, for a
     caller that normalises the rows of several stages at once (:func:`unit_rows`); other heads
     normalise anyway, which a second normalisation does not change.
     """
     if not normalized and isinstance(head, ProjectionHead):
         head = head.unnormalized
-    B, C, h, w = feature.shape
-    n_map = B * h * w
-    if rows.numel() >= n_map:
-        z = head(feature.flatten(2).transpose(1, 2).reshape(n_map, C))
-        return z[rows.reshape(-1)].reshape(*rows.shape, z.shape[-1])
-    return head(gather_rows(feature, rows))
-
-
-def project_taken(
-    head: nn.Module, feature: torch.Tensor, taken: torch.Tensor | None, normalized: bool = True
-) -> torch.Tensor:
-    """``head`` applied to rows of ``feature`` ``(B, C, h, w)`` given by their image and patch,
-    ``taken`` ``(2, N)`` (:func:`split_rows` already applied) → ``(N, d)``; ``taken=None``: every row of
-    the map in row-major ``(b, i, j)`` order → ``(B·h·w, d)``. ``normalized`` as in :func:`project_rows`."""
-    if not normalized and isinstance(head, ProjectionHead):
-        head = head.unnormalized
     if taken is None:
         C = feature.shape[1]
         return head(feature.flatten(2).transpose(1, 2).reshape(-1, C))
     return head(take_rows(feature, taken[0], taken[1]))
+
+
+def project_rows(
+    head: nn.Module, feature: torch.Tensor, rows: torch.Tensor, normalized: bool = True
+) -> torch.Tensor:
+    """``head`` applied to the given patch rows of ``feature`` by flat index (:func:`split_rows`):
+    ``(B, C, h, w)``, ``(*S,)`` → ``(*S, d)``; ``normalized`` as in :func:`project_taken`.
+
+    When more rows are requested than the map has patches (small maps, large budgets), projecting
+    the whole map once and indexing the result is cheaper than projecting duplicates.
+    """
+    B, _C, h, w = feature.shape
+    if rows.numel() >= B * h * w:
+        z = project_taken(head, feature, None, normalized)
+        return z[rows.reshape(-1)].reshape(*rows.shape, z.shape[-1])
+    taken = torch.stack(split_rows(rows.reshape(-1), h * w))
+    z = project_taken(head, feature, taken, normalized)
+    return z.reshape(*rows.shape, z.shape[-1])

@@ -315,7 +315,7 @@ class ReferenceKind:
     """A registered reference loss: the rows one term draws, the host plan and the device pass over
     all terms, and the number of sub-terms ``T`` per (stage, class)."""
 
-    segments: Callable[[torch.Tensor, torch.Tensor, CTConfig, torch.Generator | None], list[torch.Tensor]]
+    segments: Callable[[np.ndarray, np.ndarray, CTConfig, torch.Generator | None], list[np.ndarray]]
     plan: Callable[[Sequence[_Term], CTConfig, _Upload], _KindPlan]
     # Takes the projected rows of all stages ``(R, d)`` out of a one-element list, so that it holds the
     # only reference and can free them once it has gathered the rows it reads.
