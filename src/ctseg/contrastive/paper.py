@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ctseg.contrastive.config import CTConfig, GroupResult
+from ctseg.contrastive.constants import device_constant
 from ctseg.contrastive.distributed import gather_negatives, local_negative_budget
 from ctseg.contrastive.heads import project_stages, split_rows, take_rows
 from ctseg.contrastive.patches import StageGrid
@@ -99,9 +100,9 @@ def _sample_batch(
     confidence: Sequence[torch.Tensor] | None,
     bounds: Sequence[tuple[int, int]],
     num_negatives: int,
-) -> tuple[torch.Tensor, torch.Tensor, Sample, torch.Tensor]:
-    """One draw for the given stages: image and patch indices ``(G, S_b, K, P + M)``, the sample
-    (rows in (group, stage, class) order) and the fractions ``(G, S_b, K, g·n)``."""
+) -> tuple[torch.Tensor, torch.Tensor, Sample]:
+    """One draw for the given stages: image and patch indices ``(G, S_b, K, P + M)`` and the sample
+    (rows in (group, stage, class) order)."""
     B, K = counts[0].shape[:2]
     G, S = len(bounds), len(grids)
     cand = stage_candidates(counts, grids, bounds)
@@ -111,7 +112,11 @@ def _sample_batch(
     image, patch = split_rows(columns, cand.columns_per_image)
     image, patch = image.reshape(G, S, K, -1), patch.reshape(G, S, K, -1)
     if G > 1:  # image within the group → image within the batch
-        image = image + bounds[1][0] * torch.arange(G, device=image.device).reshape(G, 1, 1, 1)
+        g, device = bounds[1][0], image.device
+        offsets = device_constant(
+            ("group-offsets", G, g), device, lambda: g * torch.arange(G, device=device).reshape(G, 1, 1, 1)
+        )
+        image = image + offsets
     # Where a (group, stage) has fewer patches than a budget, slots beyond the valid count hold
     # padding columns; point them at a real row (they are never read as valid).
     smallest = min(b1 - b0 for b0, b1 in bounds)
@@ -121,7 +126,28 @@ def _sample_batch(
         image = image.clamp(max=B - 1)
         for s in short:
             patch[:, s].clamp_(max=grids[s].h * grids[s].w - 1)
-    return image, patch, smp, cand.fraction.reshape(G, S, K, -1)
+    return image, patch, smp
+
+
+def _present(smp: Sample, grid: StageGrid, bounds: Sequence[tuple[int, int]], S: int, K: int) -> torch.Tensor:
+    """``(G, K)`` bool: the class occurs in the group. That is, some real patch of the batch's first
+    stage has a share of it: not all of its real patches are negatives. Read from the counts the
+    sampler made anyway, instead of a second pass over the ``(R, N)`` fractions."""
+    neg_available = smp.neg_available.reshape(len(bounds), S, K)[:, 0]  # (G, K)
+    real = [(b1 - b0) * grid.h * grid.w for b0, b1 in bounds]  # real patches of each group
+    if len(set(real)) == 1:
+        return neg_available < real[0]
+    device = neg_available.device
+    per_group = device_constant(("group-patches", tuple(real)), device, lambda: _group_column(real, device))
+    return neg_available < per_group
+
+
+def _group_column(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(G, 1)`` long from at most two distinct values, the first G − 1 equal (group sizes), made
+    by device operators only (a host-to-device copy from pageable memory would synchronise)."""
+    column = torch.full((len(values), 1), values[0], dtype=torch.long, device=device)
+    column[-1] = values[-1]
+    return column
 
 
 def sample_rows(
@@ -148,7 +174,7 @@ def sample_rows(
     images, patches, pos_count, neg_count = [], [], [], []
     present = None
     for batch in stage_batches(grids):
-        image, patch, smp, fraction = _sample_batch(
+        image, patch, smp = _sample_batch(
             cfg,
             [counts[s] for s in batch],
             [grids[s] for s in batch],
@@ -160,8 +186,8 @@ def sample_rows(
         patches += [patch[:, i] for i in range(len(batch))]
         pos_count.append(smp.pos_count.reshape(G, len(batch), K))
         neg_count.append(smp.neg_count.reshape(G, len(batch), K))
-        if present is None:  # a class is present in a group when some patch has a share of it
-            present = (fraction[:, 0] > 0).any(-1)
+        if present is None:
+            present = _present(smp, grids[batch[0]], bounds, len(batch), K)
     return PaperSamples(
         images,
         patches,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ctseg.contrastive.constants import device_constant
 from ctseg.errors import ConfigError
 
 
@@ -97,6 +98,16 @@ def _pool_to_stage(base: torch.Tensor, grid: StageGrid, g: int) -> torch.Tensor:
     return x.reshape(B, K, grid.h, k, grid.w, k).sum(dim=(3, 5))
 
 
+def _class_word_lut(num_classes: int, bits: int, word: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(K + 2,)`` table over ``clamp(label, -1, K)``: class k ↦ ``1 << (bits·k)``, label K (every
+    label ≥ K) and label -1 (the last entry, by negative indexing) ↦ 0."""
+    lut = torch.zeros(num_classes + 2, dtype=word, device=device)
+    lut[:num_classes] = torch.ones((), dtype=word, device=device) << (
+        bits * torch.arange(num_classes, dtype=word, device=device)
+    )
+    return lut
+
+
 def _base_counts_packed(mask: torch.Tensor, num_classes: int, g: int, Hb: int, Wb: int) -> torch.Tensor:
     """Per-class pixel counts of every g×g cell, packing all classes into one integer per pixel.
 
@@ -111,20 +122,25 @@ def _base_counts_packed(mask: torch.Tensor, num_classes: int, g: int, Hb: int, W
     B, H, W = mask.shape
     bits = (g * g).bit_length()
     word = torch.int32 if bits * num_classes <= 31 else torch.int64
-    # Lookup over clamp(label, -1, K) + 1: negatives → slot 0, classes → 1..K, labels ≥ K → slot K+1.
-    lut = torch.zeros(num_classes + 2, dtype=word, device=mask.device)
-    lut[1:-1] = torch.ones((), dtype=word, device=mask.device) << (
-        bits * torch.arange(num_classes, dtype=word, device=mask.device)
+    lut = device_constant(
+        ("class-word-lut", num_classes, bits, word),
+        mask.device,
+        lambda: _class_word_lut(num_classes, bits, word, mask.device),
     )
     # int64 index: an int32 one is widened to int64 inside the indexing anyway (one more temporary).
-    index = mask.clamp(-1, num_classes).to(torch.int64).add_(1)
+    # Label -1 (and every negative one, clamped to it) indexes the table's last entry, 0.
+    index = mask.clamp(-1, num_classes).to(torch.int64)
     packed = lut[index]
     del index
     if (Hb * g, Wb * g) != (H, W):
         packed = F.pad(packed, (0, Wb * g - W, 0, Hb * g - H))
     # Two contiguous reductions (along W, then H) are faster than one over both cell axes.
     cells = packed.reshape(B, Hb * g, Wb, g).sum(-1, dtype=word).reshape(B, Hb, g, Wb).sum(2, dtype=word)
-    shifts = bits * torch.arange(num_classes, dtype=word, device=mask.device)
+    shifts = device_constant(
+        ("class-word-shifts", num_classes, bits, word),
+        mask.device,
+        lambda: bits * torch.arange(num_classes, dtype=word, device=mask.device),
+    )
     return ((cells[:, None] >> shifts[None, :, None, None]) & ((1 << bits) - 1)).to(torch.int32)
 
 

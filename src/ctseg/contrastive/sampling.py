@@ -22,11 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ctseg.contrastive.constants import device_constant
 from ctseg.contrastive.patches import StageGrid
 from ctseg.utils.registry import Registry
 
 # Value of the padding columns of Candidates.fraction (a real patch has a class fraction in [0, 1]).
 PADDING = -1.0
+
+
+def _eligible_fractions(device: torch.device) -> torch.Tensor:
+    """``(2, 1, 1)`` float32: the class fraction of an eligible positive (1) and negative (0)."""
+    return (1.0 - torch.arange(2, dtype=torch.float32, device=device)).reshape(2, 1, 1)
 
 
 @dataclass
@@ -54,7 +60,12 @@ class Candidates:
 
     @classmethod
     def from_fractions(cls, fraction: torch.Tensor, columns_per_image: int) -> Candidates:
-        return cls(fraction, torch.stack([fraction == 1.0, fraction == 0.0]), columns_per_image)
+        # One comparison against (1, 0) broadcast over the set axis: an eq per set and a stack
+        # would be three operators.
+        targets = device_constant(
+            "eligible-fractions", fraction.device, lambda: _eligible_fractions(fraction.device)
+        )
+        return cls(fraction, fraction == targets, columns_per_image)
 
     @property
     def positive(self) -> torch.Tensor:
@@ -179,8 +190,11 @@ def random_sample(
     One ``rand(R, N)`` serves both sets: positives and negatives of a row are disjoint, so their keys
     are independent. ``confidence`` is ignored.
     """
-    # Keys in [2, 3): above every fill (class fractions in [0, 1], padding below).
-    keys = torch.rand(cand.fraction.shape, device=cand.fraction.device, generator=generator).add_(2.0)
+    # Keys in [2, 3]: above every fill (class fractions in [0, 1], padding below). The same draws
+    # and values as rand() + 2 (uniform_ maps u to u·(3 − 2) + 2), in one operator instead of two.
+    keys = torch.empty(cand.fraction.shape, device=cand.fraction.device).uniform_(
+        2.0, 3.0, generator=generator
+    )
     (pos_rows, pos_count, pos_available), (neg_rows, neg_count, neg_available) = _top_rows(
         keys, cand.eligible, (num_positives, num_negatives), cand.fraction
     )
