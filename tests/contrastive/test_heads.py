@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ctseg.contrastive.heads import (
     ProjectionHead,
+    _UnitRows,
     build_heads,
     project_rows,
     project_stages,
@@ -251,3 +252,23 @@ def test_taken_rows_equal_the_flat_rows_and_none_is_the_whole_map(normalized):
     torch.testing.assert_close(whole, project_rows(head, feature, torch.arange(60), normalized=normalized))
     (whole.sum() + project_taken(head, feature, taken).sum()).backward()
     assert feature.grad is not None and feature.grad.abs().sum() > 0
+
+
+def test_unit_rows_equal_f_normalize_in_values_gradients_and_second_derivatives():
+    """The hand-written backward of ``unit_rows`` equals autograd's through ``F.normalize``, also for a
+    zero row (norm below eps: the projection term vanishes); with ``create_graph`` second derivatives
+    are exact (gradgradcheck)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 40, 16, generator=g)
+    z[0, 0] = 0.0
+    weights = torch.randn(3, 40, 16, generator=g)
+    ours, plain = z.clone().requires_grad_(), z.clone().requires_grad_()
+    y = unit_rows(ours)
+    assert torch.equal(y, nn.functional.normalize(z, dim=-1))
+    (y * weights).sum().backward()
+    (nn.functional.normalize(plain, dim=-1) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, plain.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours.grad[0, 0], weights[0, 0] / 1e-12)
+    z64 = torch.randn(2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(_UnitRows.apply, (z64,))
+    assert torch.autograd.gradgradcheck(_UnitRows.apply, (z64,))

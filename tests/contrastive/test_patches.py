@@ -70,3 +70,19 @@ def test_patch_size_from_shapes():
     assert infer_patch_size((8, 8), (1, 1), 3, stride=32) == 32
     with pytest.raises(ConfigError, match="stride 16"):
         infer_patch_size((64, 64), (8, 8), 1, stride=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32])
+def test_every_label_outside_the_classes_counts_for_none(dtype):
+    """Negative labels (-1 indexes the class-word table's last entry), the ignore index and labels far
+    above the classes count for no class; the cached table serves later calls unchanged."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.randint(-3, 5, (2, 32, 32), generator=g).to(dtype)
+    mask[0, :4, :4] = 1000
+    grids = stage_grids((32, 32), [(8, 8), (4, 4)], [0, 1])
+    for _ in range(2):
+        counts = patch_class_counts(mask, 3, grids)
+        for grid, cnt in zip(grids, counts, strict=True):
+            gt = gt_patches(mask.long(), grid.p)
+            for c in range(3):
+                assert torch.equal(cnt[:, c].reshape(-1), (gt == c).sum(1).to(cnt.dtype))

@@ -98,3 +98,24 @@ def test_random_draws_are_uniform_over_the_candidates():
     k = n - 1
     quantile = k * (1 - 2 / (9 * k) + 3.72 * (2 / (9 * k)) ** 0.5) ** 3
     assert chi2 < quantile, (chi2, quantile)
+
+
+@pytest.mark.parametrize(("batch", "group_size"), [(5, 2), (4, None), (3, 3), (7, 3)])
+def test_present_classes_are_those_with_a_pixel_in_the_group(batch, group_size):
+    """``present`` (read from the negative counts) is: some pixel of the group has the class; also
+    for a last group smaller than the others and a class that group lacks."""
+    K = 4
+    mask = blocky_mask(batch, SIZE, SIZE, 3, 6, block=8, seed=batch, ignore_frac=0.2)
+    mask[0, 5, 7] = 3  # class 3: one pixel, first image only (absent from a smaller last group)
+    grids = stage_grids((SIZE, SIZE), STAGE_HW, range(4))
+    counts = patch_class_counts(mask, K, grids)
+    fn = PatchContrastiveLoss([8] * 4, K, 6, num_positives=8, num_negatives=8)
+    smp = sample_rows(fn.cfg, counts, grids, None, group_size)
+    expected = torch.stack(
+        [
+            (mask[b0:b1, None] == torch.arange(K)[:, None, None]).flatten(2).any(-1).any(0)
+            for b0, b1 in group_bounds(batch, group_size)
+        ]
+    )
+    assert torch.equal(smp.present, expected)
+    assert bool(expected[0, 3]) and not bool(expected[1:, 3].any())  # the case is there

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctseg.contrastive.constants import device_constant
+
 
 class ProjectionHead(nn.Module):
     """``Linear(C, hidden) → GELU → Linear(hidden, dim)``, then L2-normalised.
@@ -42,12 +44,41 @@ class ProjectionHead(nn.Module):
 
 
 def unit_rows(z: torch.Tensor) -> torch.Tensor:
-    """``(..., d)`` → float32 rows of unit L2 norm (``F.normalize(z, eps=1e-12)``)."""
+    """``(..., d)`` → float32 rows of unit L2 norm, the values of ``F.normalize(z, eps=1e-12)``."""
     if z.dtype != torch.float32:
         z = z.float()
-    # A multiplication by rsqrt: same values as F.normalize (≤ 1 ulp), and a cheaper backward than
-    # the division on the (N, d) rows.
-    return z * torch.rsqrt((z * z).sum(-1, keepdim=True).clamp_min(1e-24))
+    return _UnitRows.apply(z)
+
+
+_NORM_EPS = 1e-12
+
+
+class _UnitRows(torch.autograd.Function):
+    """``z / max(‖z‖, eps)`` along the last axis with a hand-written backward.
+
+    On a GPU the loss is bound by launches; autograd's backward of the composed operators is twelve
+    operators on the ``(N, d)`` rows, this one six: for ``y = z / ‖z‖``,
+    ``∂z = (g − y·⟨g, y⟩) / ‖z‖``, where the projection term is absent for rows of norm ≤ eps (the
+    clamp's gradient is zero there, as in ``F.normalize``). With ``create_graph`` the backward
+    differentiates the composed operators instead, so that second derivatives stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx, z):  # type: ignore[override]
+        denom = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+        y = z / denom
+        ctx.save_for_backward(z, y, denom)  # denom, an intermediate, serves the first-order backward only
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, y, denom = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the composed operators
+            plain = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+            (dz,) = torch.autograd.grad(plain, z, grad, create_graph=True)
+            return dz
+        dot = torch.where(denom > _NORM_EPS, (grad * y).sum(-1, keepdim=True), 0.0)
+        return torch.addcmul(grad, y, dot, value=-1.0).div_(denom)
 
 
 def _batchable(heads: Sequence[nn.Module]) -> bool:
@@ -199,8 +230,13 @@ class _LateRowsGrad(torch.autograd.Function):
         ctx.pending.append((image, patch, rows_grad))
         # One gradient, however small, makes autograd complete the map's gradient and call the hook;
         # the first gather sends it. Several expanded zeros would be summed into a real zero map.
-        zero = rows_grad.new_zeros(()).expand(ctx.shape) if first else None
+        zero = _zero(rows_grad).expand(ctx.shape) if first else None
         return zero, None, None, None
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero of ``like``'s dtype and device (one fill per map and step saved on a GPU)."""
+    return device_constant(("zero", like.dtype), like.device, lambda: like.new_zeros(()))
 
 
 def project_taken(

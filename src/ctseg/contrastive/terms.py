@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ctseg.contrastive.config import CTConfig
-from ctseg.contrastive.losses import cl_pair_loss, hard_pairs, info_nce, masked_mean
+from ctseg.contrastive.constants import device_constant
+from ctseg.contrastive.losses import cl_pair_loss, hard_pairs, info_nce
 from ctseg.utils.registry import Registry
 
 
@@ -97,9 +98,10 @@ def pair_sets(zp, zn, pos_count, neg_count, take_top) -> PairSets:
         pos = F.pad(pos, (0, W - h))
     sim = torch.stack([neg, pos.neg()])
     # Valid: negative pair j while j < min(counts), positive pair i while 2i + 1 < pos_count.
-    limits = torch.stack([torch.minimum(pos_count, neg_count), pos_count // 2])  # (2, R)
-    valid = torch.arange(W, device=zp.device) < limits[..., None]
-    keep = hard_pairs(sim.reshape(-1, W), valid.reshape(-1, W), take_top, most_similar=True)
+    limits = torch.stack([torch.minimum(pos_count, neg_count), pos_count // 2])  # (2, R), each ≤ W
+    slots = device_constant(("pair-slots", W), zp.device, lambda: torch.arange(W, device=zp.device))
+    valid = slots < limits[..., None]
+    keep = hard_pairs(sim.reshape(-1, W), valid.reshape(-1, W), take_top, True, n_valid=limits.reshape(-1))
     return PairSets(sim, keep.reshape(sim.shape), n, h)
 
 
@@ -108,9 +110,10 @@ def cl_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     pairs = pair_sets(zp, zn, pos_count, neg_count, cfg.take_top)
     active = (pos_count >= cfg.min_positives) & (neg_count >= cfg.min_negatives)
     term_active = torch.stack([active, active & (pos_count >= cfg.min_pair_positives)], -1)  # (R, 2)
-    means = masked_mean(cl_pair_loss(pairs.sim, False, cfg.smoothing), pairs.keep)  # (2, R)
-    terms = torch.where(term_active, means.T, 0.0)  # (R, 2): loss_neg, loss_pos
-    used = (pairs.keep.sum(-1).T * term_active).sum(-1)
+    kept = pairs.keep.sum(-1)  # (2, R)
+    total = torch.where(pairs.keep, cl_pair_loss(pairs.sim, False, cfg.smoothing), 0.0).sum(-1)
+    terms = torch.where(term_active, (total / kept.clamp(min=1)).T, 0.0)  # (R, 2): loss_neg, loss_pos
+    used = (kept.T * term_active).sum(-1)
     return StageTerms(
         loss=terms.sum(-1),
         terms=terms,
