@@ -94,7 +94,14 @@ def spread_rows(
     float32, ``fill`` in the padding columns; the values of stage s are divided by ``scale[s]``."""
     g, n = candidate_layout(grids, bounds)
     K = maps[0].shape[1]
-    out = torch.full((len(bounds), len(maps), K, g, n), fill, dtype=torch.float32, device=maps[0].device)
+    shape, device = (len(bounds), len(maps), K, g, n), maps[0].device
+    padded = any(gr.h * gr.w < n for gr in grids) or any(b1 - b0 < g for b0, b1 in bounds)
+    # Without padding columns every entry is written below: no fill (one kernel fewer on a GPU).
+    out = (
+        torch.full(shape, fill, dtype=torch.float32, device=device)
+        if padded
+        else torch.empty(shape, dtype=torch.float32, device=device)
+    )
     for s, (m, gr) in enumerate(zip(maps, grids, strict=True)):
         hw = gr.h * gr.w
         for j, (b0, b1) in enumerate(bounds):
