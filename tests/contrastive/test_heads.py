@@ -256,8 +256,8 @@ def test_taken_rows_equal_the_flat_rows_and_none_is_the_whole_map(normalized):
 
 def test_unit_rows_equal_f_normalize_in_values_gradients_and_second_derivatives():
     """The hand-written backward of ``unit_rows`` equals autograd's through ``F.normalize``, also for a
-    zero row (norm below eps: the projection term vanishes); with ``create_graph`` second derivatives
-    are exact (gradgradcheck)."""
+    zero row (norm below eps: the projection term vanishes); it reads the outputs only and stays
+    exact to second order (gradcheck and gradgradcheck, both outputs: the rows and their norms)."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 40, 16, generator=g)
     z[0, 0] = 0.0

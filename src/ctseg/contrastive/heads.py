@@ -47,38 +47,47 @@ def unit_rows(z: torch.Tensor) -> torch.Tensor:
     """``(..., d)`` → float32 rows of unit L2 norm, the values of ``F.normalize(z, eps=1e-12)``."""
     if z.dtype != torch.float32:
         z = z.float()
-    return _UnitRows.apply(z)
+    y, _norm = _UnitRows.apply(z)
+    return y
 
 
 _NORM_EPS = 1e-12
 
 
 class _UnitRows(torch.autograd.Function):
-    """``z / max(‖z‖, eps)`` along the last axis with a hand-written backward.
+    """``y = z / max(‖z‖, eps)`` along the last axis, and that divisor, with a hand-written backward.
 
     On a GPU the loss is bound by launches; autograd's backward of the composed operators is twelve
-    operators on the ``(N, d)`` rows, this one six: for ``y = z / ‖z‖``,
-    ``∂z = (g − y·⟨g, y⟩) / ‖z‖``, where the projection term is absent for rows of norm ≤ eps (the
-    clamp's gradient is zero there, as in ``F.normalize``). With ``create_graph`` the backward
-    differentiates the composed operators instead, so that second derivatives stay exact.
+    operators on the ``(N, d)`` rows, this one six: ``∂z = (g − y·⟨g, y⟩) / ‖z‖``, where the
+    projection term is absent for rows of norm ≤ eps (the clamp's gradient is zero there, as in
+    ``F.normalize``). The backward reads the two outputs only, which is also what keeps it exact to
+    any order: as a function of them it is the true gradient for every z, and with ``create_graph``
+    autograd differentiates it through them. Saving outputs rather than z keeps what the composed
+    form kept (z alone, where the rows' later use saves y anyway).
     """
 
     @staticmethod
     def forward(ctx, z):  # type: ignore[override]
-        denom = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-        y = z / denom
-        ctx.save_for_backward(z, y, denom)  # denom, an intermediate, serves the first-order backward only
-        return y
+        norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+        y = z / norm
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, norm)
+        return y, norm
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        z, y, denom = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiate the composed operators
-            plain = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-            (dz,) = torch.autograd.grad(plain, z, grad, create_graph=True)
-            return dz
-        dot = torch.where(denom > _NORM_EPS, (grad * y).sum(-1, keepdim=True), 0.0)
-        return torch.addcmul(grad, y, dot, value=-1.0).div_(denom)
+    def backward(ctx, grad, grad_norm):  # type: ignore[override]
+        y, norm = ctx.saved_tensors
+        dz = None
+        if grad is not None:
+            dot = torch.where(norm > _NORM_EPS, (grad * y).sum(-1, keepdim=True), 0.0)
+            dz = torch.addcmul(grad, y, dot, value=-1.0)
+            # In place unless create_graph records this backward (div_ would overwrite what it saves):
+            # one (N, d) buffer fewer at the backward's peak.
+            dz = dz / norm if torch.is_grad_enabled() else dz.div_(norm)
+        if grad_norm is not None:  # ∂‖z‖/∂z = y where the clamp passes the norm through
+            from_norm = torch.where(norm > _NORM_EPS, grad_norm, 0.0) * y
+            dz = from_norm if dz is None else dz + from_norm
+        return dz
 
 
 def _batchable(heads: Sequence[nn.Module]) -> bool:

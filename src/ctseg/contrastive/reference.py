@@ -510,11 +510,15 @@ def evaluate_reference(
     ]
     values = torch.zeros(G * S * K * T, device=device)
     if projected:
-        # No list of the stages' projections survives the concatenation (it would double them), and
-        # the concatenation is handed over to the loss kind, which frees it after its gathers.
-        # Normalised once for all stages: 5 operators instead of 5 per stage.
-        raw = torch.cat([project_taken(head, f, taken, normalized=False) for head, f, taken in projected])
-        handoff = [unit_rows(raw)]
+        # No list of the stages' projections survives the concatenation (it would double them), the
+        # unnormalised rows do not outlive their normalisation (its backward reads its outputs), and
+        # the normalised rows are handed over to the loss kind, which frees them after its gathers.
+        # Normalised once for all stages: 3 operators instead of 3 per stage.
+        handoff = [
+            unit_rows(
+                torch.cat([project_taken(head, f, taken, normalized=False) for head, f, taken in projected])
+            )
+        ]
         values = values.index_put((sent[plan.slot],), kind.evaluate(handoff, plan.plan, sent, cfg))
     loss = values.view(G, S * K * T).sum(-1) * sent[plan.scale]
     # An exact zero that depends on every head no term used (DDP then sees no unused parameter) and,
