@@ -84,3 +84,28 @@ def test_reference_host_made_count_stats_equal_the_device_computed_ones(monkeypa
     for name in host_made:
         assert host_made[name] == pytest.approx(computed[name], rel=1e-6, abs=1e-7), name
     assert host_made["active"] == 1.0 and sum(host_made[f"stage0/class{c}/pairs"] for c in range(6)) > 0
+
+
+@pytest.mark.parametrize("loss", ["cl", "infonce"])
+def test_single_group_term_stats_equal_the_weighted_means(monkeypatch, loss):
+    """With one group the paper mode packs its per-term values as they are (no weighting over groups):
+    equal to the weighted form, inactive terms included (the mode gives them 0)."""
+    from ctseg.contrastive import loss as loss_module
+    from ctseg.contrastive.stats import term_weights
+
+    captured = []
+    original = loss_module.PatchContrastiveLoss._pack_stats
+
+    def capture(self, loss_value, raws, res):
+        captured.append(res)
+        return original(self, loss_value, raws, res)
+
+    monkeypatch.setattr(loss_module.PatchContrastiveLoss, "_pack_stats", capture)
+    fn = PatchContrastiveLoss(CHANNELS, num_classes=6, ignore_index=6, loss=loss, clip=None)
+    mask = blocky_mask(2, 64, 64, 6, 6, block=8, seed=3)
+    torch.manual_seed(0)
+    _, stats = fn(stage_features(2, 64, 64, 1, requires_grad=True), mask)
+    (res,) = captured
+    assert res.terms.shape[0] == 1 and res.term_active.any() and not res.term_active.all()
+    expected = (res.terms * term_weights(res.term_active)).sum(0).flatten()
+    assert torch.equal(stats.tensor[-expected.numel() :], expected)

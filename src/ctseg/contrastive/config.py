@@ -75,7 +75,8 @@ class GroupResult:
 
     Attributes:
         loss: scalar raw loss of the group, ``Σ_s Σ_c L_sc / S / (number of classes present)``.
-        positives, negatives, pairs: ``(S, K)`` float, counts used by the active terms.
+        counts: ``(3, S, K)`` float, the positives, negatives and pairs used by the active terms
+            (one tensor: the stats read them together; :attr:`positives` … are its rows).
         terms: ``(S, K, T)`` per-term loss values (0 where the term is inactive).
         term_active: ``(S, K, T)`` bool.
         active: ``(S, K)`` bool, the (stage, class) term contributed.
@@ -88,15 +89,25 @@ class GroupResult:
     """
 
     loss: torch.Tensor
-    positives: torch.Tensor
-    negatives: torch.Tensor
-    pairs: torch.Tensor
+    counts: torch.Tensor
     terms: torch.Tensor
     term_active: torch.Tensor
     active: torch.Tensor
     present: torch.Tensor
     count_stats: torch.Tensor | None = None
     term_weights: torch.Tensor | None = None
+
+    @property
+    def positives(self) -> torch.Tensor:
+        return self.counts[0]
+
+    @property
+    def negatives(self) -> torch.Tensor:
+        return self.counts[1]
+
+    @property
+    def pairs(self) -> torch.Tensor:
+        return self.counts[2]
 
 
 def as_stage_tuple(stages: Sequence[int] | None, num_maps: int) -> tuple[int, ...]:

@@ -595,7 +595,10 @@ class PatchContrastiveLoss(nn.Module):
         """Clip every group's raw loss, average over groups, weight; pack the stats (None without)."""
         raws = results.loss  # (G,)
         clipped = CLIP_MODES[self.clip_mode](raws, self.clip) if self.clip is not None else raws
-        loss = clipped.mean() * self.weight
+        # The sum of one group is that group's loss exactly, with a backward of no operator.
+        loss = clipped.sum() if clipped.shape[0] == 1 else clipped.mean()
+        if self.weight != 1.0:
+            loss = loss * self.weight
         return loss, (self._pack_stats(loss, raws, results) if self.compute_stats else None)
 
     def _pack_stats(self, loss: torch.Tensor, raws: torch.Tensor, res: GroupResult) -> torch.Tensor:
@@ -608,12 +611,17 @@ class PatchContrastiveLoss(nn.Module):
         """
         clip = float("inf") if self.clip is None or self.clip_mode == "none" else self.clip
         raws = raws.detach()
-        head = torch.stack([raws.mean(), loss.detach(), (raws > clip).float().mean()])
+        head = torch.stack([raws.mean(), loss.detach(), torch.mean(raws > clip, dtype=torch.float32)])
         counts = res.count_stats
         if counts is None:
-            counts = count_stats(res.positives, res.negatives, res.pairs, res.active, res.present)
-        weights = term_weights(res.term_active) if res.term_weights is None else res.term_weights
-        terms = (res.terms * weights).sum(0)
+            counts = count_stats(res.counts, res.active, res.present)
+        if res.term_weights is None and res.terms.shape[0] == 1:
+            # One group: a term's mean over the groups where it was active is its value, and the
+            # modes computing their stats on the device give 0 for inactive terms.
+            terms = res.terms[0]
+        else:
+            weights = term_weights(res.term_active) if res.term_weights is None else res.term_weights
+            terms = (res.terms * weights).sum(0)
         # Every part is on the loss's device already (the reference mode sends its counts there).
         return torch.cat([head, counts, terms.flatten()])
 

@@ -248,12 +248,11 @@ def paper_results(
     if cfg.gather_negatives:
         zn, neg_all = gather_negatives(zn, neg_all, process_group)
     out = kind.paper_stage(zp, zn, pos_all, neg_all, cfg)
-    n_present = samples.present.sum(-1).clamp(min=1).to(torch.float32)  # (G,)
+    divisor = samples.present.sum(-1).clamp(min=1) * S  # (G,): S × classes present
+    counts = torch.stack([pos_all, neg_all, out.pairs]) * out.active  # (3, G·S·K): used by active terms
     return GroupResult(
-        loss=out.loss.reshape(G, S * K).sum(-1) / S / n_present,
-        positives=(pos_all * out.active).reshape(G, S, K).to(torch.float32),
-        negatives=(neg_all * out.active).reshape(G, S, K).to(torch.float32),
-        pairs=out.pairs.reshape(G, S, K),
+        loss=out.loss.reshape(G, S * K).sum(-1) / divisor,
+        counts=counts.to(torch.float32).reshape(3, G, S, K),
         terms=out.terms.reshape(G, S, K, -1).detach(),
         term_active=out.term_active.reshape(G, S, K, -1),
         active=out.active.reshape(G, S, K),

@@ -478,7 +478,7 @@ def plan_reference(
     h_stats, h_present, h_scale = (upload.add(t) for t in (stats, present.float(), per_group))
     # The statistics that need no loss value, made here rather than as device operators in the forward.
     term_active = stats[3:].permute(1, 2, 3, 0) > 0  # (G, S, K, T)
-    h_counts = upload.add(count_stats(stats[0], stats[1], stats[2], term_active.any(-1), present))
+    h_counts = upload.add(count_stats(stats[:3], term_active.any(-1), present))
     h_weights = upload.add(term_weights(term_active))
     slot = [((terms[j].group * S + terms[j].stage) * K + terms[j].c) * T + t for j, t in plan.slots]
     h_slot = upload.add(torch.tensor(slot, dtype=torch.long)) if slot else None
@@ -538,9 +538,7 @@ def evaluate_reference(
     term_active = stats_dev[3:].permute(1, 2, 3, 0) > 0  # (G, S, K, T)
     return GroupResult(
         loss=loss,
-        positives=stats_dev[0],
-        negatives=stats_dev[1],
-        pairs=stats_dev[2],
+        counts=stats_dev[:3],
         terms=values.detach().view(G, S, K, T),
         term_active=term_active,
         active=term_active.any(-1),

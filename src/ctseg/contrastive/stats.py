@@ -73,25 +73,21 @@ class CTStats(Mapping[str, float]):
         return f"CTStats({dict(zip(self._names, self._floats, strict=True))!r})"
 
 
-def count_stats(
-    positives: torch.Tensor,
-    negatives: torch.Tensor,
-    pairs: torch.Tensor,
-    active: torch.Tensor,
-    present: torch.Tensor,
-) -> torch.Tensor:
+def count_stats(counts: torch.Tensor, active: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """The statistics that depend on the counts only, from the fields of a
-    :class:`~ctseg.contrastive.config.GroupResult` with a leading group dimension G (``(G, S, K)``
-    counts and ``active``, ``(G, K)`` ``present``), packed as they follow the three loss values in
+    :class:`~ctseg.contrastive.config.GroupResult` with a leading group dimension G (``(3, G, S, K)``
+    counts of positives, negatives and pairs, ``(G, S, K)`` ``active``, ``(G, K)`` ``present``),
+    packed as they follow the three loss values in
     :attr:`PatchContrastiveLoss.stat_names <ctseg.contrastive.loss.PatchContrastiveLoss.stat_names>`:
     ``active``, ``skipped_fraction``, per stage positives, negatives and pairs (summed over classes),
     then the same per (stage, class); counts summed over groups. ``(2 + 3·S + 3·S·K,)`` float32, on
-    the inputs' device (the reference mode makes them on the host, with its plan)."""
+    the inputs' device (the reference mode makes them on the host, with its plan). On a GPU each
+    operator here is a launch: the few there are are chosen for that (e.g. no sum over one group)."""
     S = active.shape[1]
-    per_class = torch.stack([positives, negatives, pairs]).sum(1).float()  # (3, S, K)
+    per_class = (counts[:, 0] if counts.shape[1] == 1 else counts.sum(1)).float()  # (3, S, K)
     n_terms = present.sum() * S
-    skipped = (present[:, None, :] & ~active).sum()
-    flags = torch.stack([active.any().float(), skipped.float() / n_terms.clamp(min=1).float()])
+    skipped = (present[:, None, :] > active).sum()  # present and not active
+    flags = torch.stack([active.any(), skipped / n_terms.clamp(min=1)])  # promoted to float32
     return torch.cat([flags, per_class.sum(-1).flatten(), per_class.flatten()])
 
 

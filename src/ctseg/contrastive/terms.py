@@ -23,7 +23,7 @@ from ctseg.utils.registry import Registry
 @dataclass
 class StageTerms:
     """Per-class outcome of one stage: ``loss`` ``(K,)``, ``terms`` ``(K, T)``, ``term_active``
-    ``(K, T)`` bool, ``active`` ``(K,)`` bool, ``pairs`` ``(K,)`` float."""
+    ``(K, T)`` bool, ``active`` ``(K,)`` bool, ``pairs`` ``(K,)`` long."""
 
     loss: torch.Tensor
     terms: torch.Tensor
@@ -119,7 +119,7 @@ def cl_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
         terms=terms,
         term_active=term_active,
         active=active,
-        pairs=used.to(torch.float32),
+        pairs=used,
     )
 
 
@@ -141,7 +141,7 @@ def infonce_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     active = (pos_count >= need_pos) & (neg_count >= need_neg)
     loss = torch.where(active, loss, 0.0)
     used = pairs.positive_keep.sum(-1) * (1 + pairs.negative_keep.sum(-1)) * active
-    return StageTerms(loss, loss[:, None], active[:, None], active, used.to(torch.float32))
+    return StageTerms(loss, loss[:, None], active[:, None], active, used)
 
 
 StageTermFn = Callable[..., StageTerms]
