@@ -62,8 +62,8 @@ class _UnitRows(torch.autograd.Function):
     projection term is absent for rows of norm ≤ eps (the clamp's gradient is zero there, as in
     ``F.normalize``). The backward reads the two outputs only, which is also what keeps it exact to
     any order: as a function of them it is the true gradient for every z, and with ``create_graph``
-    autograd differentiates it through them. Saving outputs rather than z keeps what the composed
-    form kept (z alone, where the rows' later use saves y anyway).
+    autograd differentiates it through them. It keeps y, not z: where the rows' later use saves y
+    anyway (the paper mode's pair products), no more than the composed form kept.
     """
 
     @staticmethod
