@@ -208,21 +208,23 @@ def _cl_segments(
 def _cl_plan(terms: Sequence[_Term], cfg: CTConfig, upload: _Upload) -> _KindPlan:
     """All pairs of all sub-terms (negative pairs; positive pairs where there are ≥
     ``min_pair_positives`` positives) concatenated, with each sub-term's bounds."""
-    first, second, same, lengths, plan = [], [], [], [], _KindPlan([], [], [])
+    first, second, sign, lengths, plan = [], [], [], [], _KindPlan([], [], [])
     for j, term in enumerate(terms):
         pos = term.positions
         subterms = [(pos[0], pos[1])] + ([(pos[2], pos[3])] if len(pos) == 4 else [])
         for t, (a, b) in enumerate(subterms):
             first.append(a)
             second.append(b)
-            same.append(np.full(len(a), t, dtype=np.int64))  # sub-term 1 pairs two positives
+            # Sub-term 1 pairs two positives (label 1): its CL is that of label 0 at −cos.
+            sign.append(np.full(len(a), -1.0 if t == 1 else 1.0, dtype=np.float32))
             lengths.append(len(a))
             plan.slots.append((j, t))
         plan.term_active.append([True, len(subterms) == 2])
         plan.pairs.append(sum(len(a) for a, _ in subterms))
-    pairs = np.stack([np.concatenate(first), np.concatenate(second), np.concatenate(same)])
+    pairs = np.stack([np.concatenate(first), np.concatenate(second)])
     plan.tensors = {
         "pairs": upload.add(torch.from_numpy(pairs)),
+        "sign": upload.add(torch.from_numpy(np.concatenate(sign))),
         "bounds": upload.add(torch.tensor([0, *accumulate(lengths)])),
         "inverse_lengths": upload.add(1.0 / torch.tensor(lengths, dtype=torch.float32).clamp(min=1)),
     }
@@ -239,11 +241,14 @@ def _cl_evaluate(
     z = handoff.pop()
     # One gather for both sides of the pairs (its backward is one indexed accumulation, several kernels
     # on CUDA), split by an unbind (whose backward is one stack).
-    first, second = z[pairs[:2]].unbind(0)
+    first, second = z[pairs].unbind(0)
     del z  # the projections are not needed once gathered (the gather saves only its indices)
     # Product and sum, not einsum: einsum makes it a batched matrix product of 1×d by d×1, which cuBLAS
-    # runs as a slow GEMV (0.9 ms of the loss's 4.7 ms of kernels on an H100, B = 8).
-    per_pair = cl_pair_loss((first * second).sum(-1), pairs[2].bool(), cfg.smoothing)
+    # runs as a slow GEMV (0.9 ms of the loss's 4.7 ms of kernels on an H100, B = 8). The plan's signs
+    # turn each positive pair's cosine into the label-0 argument of the same CL value (one product
+    # instead of a label test and a selection, forward and backward).
+    cos = (first * second).sum(-1)
+    per_pair = cl_pair_loss(cos * sent[plan.tensors["sign"]], False, cfg.smoothing)
     prefix = torch.nn.functional.pad(per_pair.double().cumsum(0), (1, 0))
     sums = torch.diff(prefix[sent[plan.tensors["bounds"]]])
     return sums.float() * sent[plan.tensors["inverse_lengths"]]
