@@ -76,7 +76,7 @@ class GroupResult:
     Attributes:
         loss: scalar raw loss of the group, ``Σ_s Σ_c L_sc / S / (number of classes present)``.
         counts: ``(3, S, K)`` float, the positives, negatives and pairs used by the active terms
-            (one tensor: the stats read them together; :attr:`positives` … are its rows).
+            (one tensor: the stats read them together).
         terms: ``(S, K, T)`` per-term loss values (0 where the term is inactive).
         term_active: ``(S, K, T)`` bool.
         active: ``(S, K)`` bool, the (stage, class) term contributed.
@@ -96,18 +96,6 @@ class GroupResult:
     present: torch.Tensor
     count_stats: torch.Tensor | None = None
     term_weights: torch.Tensor | None = None
-
-    @property
-    def positives(self) -> torch.Tensor:
-        return self.counts[0]
-
-    @property
-    def negatives(self) -> torch.Tensor:
-        return self.counts[1]
-
-    @property
-    def pairs(self) -> torch.Tensor:
-        return self.counts[2]
 
 
 def as_stage_tuple(stages: Sequence[int] | None, num_maps: int) -> tuple[int, ...]:

@@ -36,10 +36,13 @@ def cl_pair_loss(cos: torch.Tensor, same: bool | torch.Tensor, smoothing: float 
     return torch.sub(F.softplus(x), x, alpha=smoothing / 2.0)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` along ``dim``; 0 (not NaN) where nothing is selected."""
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int = -1, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` along ``dim``; 0 (not NaN) where nothing is selected.
+    ``count``: ``mask.sum(dim)``, when the caller needs it too and has made it already."""
     total = torch.where(mask, values, 0.0).sum(dim)
-    return total / mask.sum(dim).clamp(min=1)
+    return total / (mask.sum(dim) if count is None else count).clamp(min=1)
 
 
 def keep_counts(n_valid: torch.Tensor, take_top: float, width: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ctseg.contrastive.config import CTConfig
 from ctseg.contrastive.constants import device_constant
-from ctseg.contrastive.losses import cl_pair_loss, hard_pairs, info_nce
+from ctseg.contrastive.losses import cl_pair_loss, hard_pairs, info_nce, masked_mean
 from ctseg.utils.registry import Registry
 
 
@@ -110,9 +110,9 @@ def cl_stage(zp, zn, pos_count, neg_count, cfg: CTConfig) -> StageTerms:
     pairs = pair_sets(zp, zn, pos_count, neg_count, cfg.take_top)
     active = (pos_count >= cfg.min_positives) & (neg_count >= cfg.min_negatives)
     term_active = torch.stack([active, active & (pos_count >= cfg.min_pair_positives)], -1)  # (R, 2)
-    kept = pairs.keep.sum(-1)  # (2, R)
-    total = torch.where(pairs.keep, cl_pair_loss(pairs.sim, False, cfg.smoothing), 0.0).sum(-1)
-    terms = torch.where(term_active, (total / kept.clamp(min=1)).T, 0.0)  # (R, 2): loss_neg, loss_pos
+    kept = pairs.keep.sum(-1)  # (2, R), also the pair stats
+    means = masked_mean(cl_pair_loss(pairs.sim, False, cfg.smoothing), pairs.keep, count=kept)
+    terms = torch.where(term_active, means.T, 0.0)  # (R, 2): loss_neg, loss_pos
     used = (kept.T * term_active).sum(-1)
     return StageTerms(
         loss=terms.sum(-1),
