@@ -21,12 +21,17 @@ Usage (GPU machine; part of ``benchmarks/gpu_check.sh``):
    (what the graphs keep: static inputs and outputs, their private pool, side-stream caches).
 6. **Workspaces**: the step's peak memory without CT, with the eager and with the recorded CL loss, each
    in a fresh process, with the default cuBLAS/cuBLASLt workspaces, a unified one, and small ones.
+7. **Host** (only when named in ``--parts``): where the host's time goes in that step, without CT and
+   with the recorded and the eager CL loss: each phase (model forward, CT call, backward, optimizer)
+   timed from an idle device to the end of its kernels, the ATen operators the step dispatches beyond
+   the baseline's, and a Python profile (own time) of five steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import ct_loss
 from ct_loss import (  # the script's folder
     CHANNELS,
     IGNORE,
@@ -258,6 +264,105 @@ def workspaces(device: torch.device, batch: int = 8) -> dict:
     return out
 
 
+def _phased_step(config: str, device: torch.device, batch: int):
+    """A training step as in ``ct_loss.make_step``; called with a dict, it times each phase (the model's
+    forward, the CT call, the backward, the optimizer step) from an idle device to the end of the
+    phase's kernels (a sync between phases: the longer of its launch work and its device work)."""
+    import torch.nn.functional as F
+
+    from ct_loss import SIZE, build_model, dubai_masks, make_ct, sync
+
+    model = build_model(device)
+    ct = None if config == "baseline" else make_ct(config, device, clip=None)
+    params = list(model.parameters()) + ([] if ct is None else list(ct.parameters()))
+    opt = torch.optim.AdamW(params, lr=0.0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(device)
+    masks = dubai_masks(batch).to(device)
+
+    def step(times: dict[str, list[float]] | None = None) -> None:
+        marks = [time.perf_counter()]
+
+        def mark() -> None:
+            if times is not None:
+                sync(device)
+            marks.append(time.perf_counter())
+
+        logits, feats = model(images, return_features=True)
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
+        mark()
+        if ct is not None:
+            loss = loss + ct(feats, masks)[0]
+        mark()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mark()
+        opt.step()
+        mark()
+        if times is not None:
+            # A phase: from its start until its kernels are done (mark() syncs before it reads the clock).
+            phases = ("forward", "ct", "backward", "optimizer")
+            for name, (a, b) in zip(phases, itertools.pairwise(marks), strict=True):
+                times.setdefault(name, []).append((b - a) * 1000)
+
+    return step, ct
+
+
+def host(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
+    """Where the host's time goes in a training step (B = 8, 512², fp32): per phase (model forward,
+    CT call, backward, optimizer) with a sync between phases (so each is launch work only, an upper
+    bound: the sync also waits for that phase's kernels when they outlast its launches), and a Python
+    profile (``cProfile``, own time) of the CT call, eager and recorded; also ATen ops the main
+    thread dispatches per step (torch.profiler, CPU), by name, beyond the baseline's."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ct_loss import sync
+
+    out: dict[str, object] = {}
+    base_ops: dict[str, int] = {}
+    for config in ("baseline", "paper-cl+graph", "paper-cl"):
+        step, ct = _phased_step(config, device, batch)
+        for _ in range(3):
+            step()
+        sync(device)
+        times: dict[str, list[float]] = {}
+        for _ in range(repeats):
+            sync(device)
+            step(times)
+        res: dict[str, object] = {k: round(statistics.median(v), 3) for k, v in times.items()}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        ops: dict[str, int] = {}
+        for e in prof.key_averages():
+            ops[e.key] = e.count // 3
+        if config == "baseline":
+            base_ops = ops
+        else:
+            more = {k: n - base_ops.get(k, 0) for k, n in ops.items() if n != base_ops.get(k, 0)}
+            res["ops_beyond_baseline"] = dict(sorted(more.items(), key=lambda kv: -abs(kv[1]))[:40])
+            res["ops_beyond_baseline_total"] = sum(more.values())
+            prof_py = cProfile.Profile()
+            prof_py.enable()
+            for _ in range(5):
+                step()
+            prof_py.disable()
+            sync(device)
+            buf = io.StringIO()
+            pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(35)
+            res["cprofile_step_tottime_5_steps"] = buf.getvalue()[-7000:]
+        out[config] = res
+        del step, ct
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 PARTS = {
     "deterministic": deterministic_recording,
     "memory": memory,
@@ -265,6 +370,7 @@ PARTS = {
     "step": step,
     "snapshot": snapshot,
     "workspaces": workspaces,
+    "host": host,
 }
 
 
@@ -274,17 +380,23 @@ def main() -> None:
     ap.add_argument(
         "--parts",
         nargs="+",
-        default=list(PARTS),
+        default=[p for p in PARTS if p != "host"],
         choices=list(PARTS),
-        help="which diagnostics to run (default: all, in this order)",
+        help="which diagnostics to run (default: all but host, in this order)",
     )
     ap.add_argument(
         "--compiled", action="store_true", help="kernels part: also the compiled + recorded CL loss (minutes)"
     )
+    ap.add_argument(
+        "--device", default="cuda", help="cuda (default); the host part also runs on the CPU (a smoke test)"
+    )
+    ap.add_argument("--size", type=int, default=512, help="crop size in pixels (default 512)")
     args = ap.parse_args()
     parts = {**PARTS, "kernels": functools.partial(kernels, compiled=args.compiled)}
-    device = torch.device("cuda")
-    res: dict[str, object] = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    device = torch.device(args.device)
+    ct_loss.SIZE = args.size
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    res: dict[str, object] = {"gpu": gpu, "torch": torch.__version__, "size": args.size}
     for name, part in parts.items():
         if name not in args.parts:
             continue

@@ -40,9 +40,11 @@ random crops, seed 0), stage maps of 64/128/256/512 channels at strides 4/8/16/3
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -315,6 +317,24 @@ def make_step(model, ct, opt, images, masks) -> Callable[[], None]:
     return step
 
 
+def bootstrap_median_ci(
+    values: Sequence[float], level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values`` (seeded: the same data give the same
+    interval)."""
+    rng = random.Random(0)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    lo = medians[int((1 - level) / 2 * resamples)]
+    hi = medians[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return lo, hi
+
+
+def _run_steps(step: Callable[[], None], n: int) -> None:
+    for _ in range(n):
+        step()
+
+
 def step_setup(config: str, device: torch.device, batch: int):
     model = build_model(device)
     ct = None if config == "baseline" else make_ct(config, device, clip=None)
@@ -411,12 +431,24 @@ def bench_step(
     warmup: int = 1,
     memory_steps: int = 2,
     extra: Sequence[str] | None = None,
+    steps_per_timing: int = 1,
+    variants: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Round-robin step timings of the baseline, :data:`VARIANTS` and ``extra`` (optional variants,
-    default: :data:`DEFAULT_CUDA_EXTRA` on CUDA; one that fails is reported and left out)."""
+    default: :data:`DEFAULT_CUDA_EXTRA` on CUDA; one that fails is reported and left out).
+
+    ``steps_per_timing`` > 1 times that many consecutive steps between two device syncs (the time per
+    step is their mean), as a training loop runs them: the host queues the next step while the device
+    finishes the last one. With 1, every step starts on an idle device and ends with a sync.
+    ``variants``: the :data:`VARIANTS` to time (default: all).
+
+    Per configuration: the median time, and the median of the per-round ratios to the baseline's
+    time with its quartiles and a 95 % bootstrap interval (what decides a target: a machine whose
+    steps vary by ±15 % needs many rounds to tell +5 % from +10 %).
+    """
     if extra is None:
         extra = list(DEFAULT_CUDA_EXTRA) if device.type == "cuda" else []
-    configs = ["baseline", *VARIANTS, *extra]
+    configs = ["baseline", *(VARIANTS if variants is None else variants), *extra]
     model = build_model(device)
     opts, cts = {}, {}
     g = torch.Generator().manual_seed(1)
@@ -446,7 +478,11 @@ def bench_step(
     times: dict[str, list[float]] = {c: [] for c in configs}
     for _ in range(repeats):
         for c in configs:
-            times[c].append(timed(steps[c], device))
+            if steps_per_timing == 1:
+                times[c].append(timed(steps[c], device))
+            else:
+                block = functools.partial(_run_steps, steps[c], steps_per_timing)
+                times[c].append(timed(block, device) / steps_per_timing)
     out: dict[str, dict] = {c: {"time_s": statistics.median(t)} for c, t in times.items()}
     for c, t in times.items():
         # Paired within each round (the config's step over the baseline's step of the same round): a
@@ -455,6 +491,7 @@ def bench_step(
         q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
         out[c]["paired_vs_baseline"] = statistics.median(ratios)
         out[c]["paired_q1_q3"] = [q[0], q[2]]
+        out[c]["paired_ci95"] = list(bootstrap_median_ci(ratios))
     out.update({c: {"error": e} for c, e in errors.items()})
     base_t = out["baseline"]["time_s"]
     print(
@@ -535,6 +572,18 @@ def main() -> None:
     )
     ap.add_argument("--size", type=int, default=512, help="crop size in pixels")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--steps-per-timing",
+        type=int,
+        default=1,
+        help="step part: consecutive steps per timing, no device sync between them (default 1)",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        help="step part: which CT variants to time beside the baseline (default: all four)",
+    )
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (step part)")
     ap.add_argument("--memory-steps", type=int, default=2, help="steps measured for peak memory")
     ap.add_argument("--device", default="cpu")
@@ -589,16 +638,28 @@ def main() -> None:
             for v, r in res.items():
                 print(f"  {v:18s} median {r['median_s'] * 1000:7.2f} ms   min {r['min_s'] * 1000:7.2f} ms")
     if args.part in ("step", "all"):
-        res = bench_step(args.repeats, device, args.step_batch, args.warmup, args.memory_steps, args.extra)
+        res = bench_step(
+            args.repeats,
+            device,
+            args.step_batch,
+            args.warmup,
+            args.memory_steps,
+            args.extra,
+            args.steps_per_timing,
+            args.variants,
+        )
+        results["steps_per_timing"] = args.steps_per_timing
         results[f"step_B{args.step_batch}"] = res
-        print(f"\nDCPoolFormer training step, B={args.step_batch}, {SIZE}², {device}:")
+        per = f", {args.steps_per_timing} steps per timing" if args.steps_per_timing > 1 else ""
+        print(f"\nDCPoolFormer training step, B={args.step_batch}, {SIZE}², {device}{per}:")
         for c, r in res.items():
             if "time_s" not in r:
                 print(f"  {c:22s} failed: {r['error']}")
                 continue
             print(
                 f"  {c:22s} {r['time_s'] * 1000:9.1f} ms ({r['time_vs_baseline']:+6.1%}; paired "
-                f"{r['paired_vs_baseline']:+6.1%}, q1–q3 {r['paired_q1_q3'][0]:+.1%}…{r['paired_q1_q3'][1]:+.1%})   "
+                f"{r['paired_vs_baseline']:+6.1%}, q1–q3 {r['paired_q1_q3'][0]:+.1%}…{r['paired_q1_q3'][1]:+.1%}, "
+                f"95 % CI {r['paired_ci95'][0]:+.1%}…{r['paired_ci95'][1]:+.1%})   "
                 f"peak {r['peak_gib']:6.3f} GiB ({r['memory_vs_baseline']:+6.1%})"
                 + (
                     f"   peak RSS (noisy) {r['rss_gib']:6.2f} GiB ({r['rss_vs_baseline']:+6.1%})"

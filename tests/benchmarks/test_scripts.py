@@ -122,3 +122,39 @@ def test_ct_loss_benchmark_step_part_measures_time_and_memory(tmp_path: Path):
     assert base["paired_vs_baseline"] == 0.0
     # CT's heads and saved rows add memory; the baseline step has none of them.
     assert step["paper-cl"]["peak_gib"] > base["peak_gib"]
+
+
+@pytest.mark.slow
+def test_ct_loss_benchmark_times_unsynced_steps_with_an_interval(tmp_path: Path):
+    shared_data_path("dubai")  # the benchmark's label crops; skips when absent
+    out = tmp_path / "ct.json"
+    proc = run_script(
+        "ct_loss.py", "--part", "step", "--step-batch", "1", "--size", "64", "--repeats", "3", "--warmup", "0",
+        "--steps-per-timing", "2", "--variants", "paper-cl", "--memory-steps", "1", "--threads", "1",
+        "--json", str(out),
+    )  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["steps_per_timing"] == 2 and "2 steps per timing" in proc.stdout
+    step = res["step_B1"]
+    assert set(step) == {"baseline", "paper-cl"}  # only the named variant beside the baseline
+    r = step["paper-cl"]
+    lo, hi = r["paired_ci95"]
+    q1, q3 = r["paired_q1_q3"]
+    # Three rounds: every resampled median is one of the three ratios, so the 95 % interval spans them.
+    assert lo <= q1 <= r["paired_vs_baseline"] <= q3 <= hi
+    assert step["baseline"]["paired_ci95"] == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_ct_graph_check_host_part_splits_the_step(tmp_path: Path):
+    shared_data_path("dubai")  # the benchmark's label crops; skips when absent
+    out = tmp_path / "host.json"
+    run_script("ct_graph_check.py", "--parts", "host", "--device", "cpu", "--size", "64", "--json", str(out))
+    host = json.loads(out.read_text())["host"]
+    assert set(host) == {"baseline", "paper-cl+graph", "paper-cl"}  # on the CPU the recorded loss runs eager
+    for name, r in host.items():
+        assert all(r[phase] > 0 for phase in ("forward", "backward", "optimizer")), name
+    assert host["baseline"]["ct"] < host["paper-cl"]["ct"]  # the baseline's CT phase is empty
+    for name in ("paper-cl+graph", "paper-cl"):
+        assert host[name]["ops_beyond_baseline_total"] > 0
+        assert "run_backward" in host[name]["cprofile_step_tottime_5_steps"]
