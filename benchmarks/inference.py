@@ -299,6 +299,9 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     of the first strip is read (what remains of ``head_s`` after that is its upload, normalisation and
     the batch copy); ``head_load_spans_s``: start and end of each part's load (read, padding, pinned
     buffer), from the call: a late start is set-up before the read, a long span the read itself;
+    ``head_setup_span_s``: from the sliding window's first step to the first part handed to the
+    reader thread (its set-up: blending weights, device buffers; a load that starts later than this
+    waited for the reader thread);
     ``head_writers_open_span_s``: the same for the creation of the output files, which runs in a
     background thread during the head; ``forward_s``: time inside the forwards. Meaningful with ``--simulate-forward-ms``, where the forward
     is the device's time; the rest of ``full`` is the CPU standing in for the device (blending, argmax).
@@ -323,8 +326,12 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     original_submit = ThreadPoolExecutor.submit
 
     def submit(self: ThreadPoolExecutor, fn: Any, /, *a: Any, **k: Any) -> Future:
+        t = time.perf_counter()
         fut = original_submit(self, fn, *a, **k)
-        fut._ctseg_kind = "read" if self._thread_name_prefix.startswith("ctseg-read") else "other"  # type: ignore[attr-defined]
+        reading = self._thread_name_prefix.startswith("ctseg-read")
+        fut._ctseg_kind = "read" if reading else "other"  # type: ignore[attr-defined]
+        if reading:
+            spans["read_submit"].append((t, t))
         return fut
 
     import ctseg.inference.predict as cpredict
@@ -333,6 +340,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     start_copy, forward = cpredict._start_copy, net.forward
     write_fn, close_fn, fsync_fn = cpredict._write, cpredict._close, os.fsync
     open_fn, load_fn = cpredict.open_scene, csliding._load_strip
+    blended_rows_fn = cpredict.iter_blended_rows
     writers_open_fn = cpredict._WriterSpec.open
 
     def spanned(kind: str, fn: Any) -> Any:
@@ -347,7 +355,13 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
 
         return timed
 
+    def blended_rows(*a: Any, **k: Any) -> Any:
+        # When the prediction loop first asks for rows: the sliding window's own set-up starts here.
+        spans["rows_start"].append((time.perf_counter(),) * 2)
+        yield from blended_rows_fn(*a, **k)
+
     Future.result, ThreadPoolExecutor.submit = result, submit  # type: ignore[method-assign]
+    cpredict.iter_blended_rows = blended_rows
     net.forward = spanned("forward", forward)  # type: ignore[method-assign]
     # Block handed to the writers (its copy queued); in the write lanes: each block's write, each
     # file's closing (last tiles, trailer, fsync) and its fsync; for the head, the opening of the scene
@@ -368,6 +382,7 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         cpredict._write, cpredict._close, os.fsync = write_fn, close_fn, fsync_fn
         cpredict.open_scene, csliding._load_strip = open_fn, load_fn
         cpredict._WriterSpec.open = writers_open_fn  # type: ignore[method-assign]
+        cpredict.iter_blended_rows = blended_rows_fn
     f = spans["forward"]
     # The first strip is loaded in two row halves, the first two loads; the read-ahead follows.
     head_spans = sorted(spans["load"])[:2]
@@ -380,6 +395,12 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         "head_read_s": round(max(head_loads) - t0, 3),
         # Each part of the first strip: (submitted to the reader thread's load start, end), from the call.
         "head_load_spans_s": [[round(a - t0, 4), round(b - t0, 4)] for a, b in head_spans],
+        # Between the scene's opening and the first load: the sliding window's set-up (blending
+        # weights, device buffers), from its first step to the first strip part handed to the reader.
+        "head_setup_span_s": [
+            round(spans["rows_start"][0][0] - t0, 4),
+            round(spans["read_submit"][0][0] - t0, 4),
+        ],
         # The output files are created in a background thread meanwhile (start, end).
         "head_writers_open_span_s": [round(x - t0, 4) for x in spans["writers_open"][0]],
         "wait_read_s": round(sum(b - a for a, b in spans["read"] if a >= f[0][0]), 3),
@@ -581,16 +602,17 @@ def main() -> int:
         print(
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
             "| of which after the last block | after its write began | longest close | longest fsync "
-            "| head: scene open at | head: first strip read at | head: loads (start-end) | head: outputs created (start-end) |"
+            "| head: scene open at | head: window set-up (start-end) | head: first strip read at "
+            "| head: loads (start-end) | head: outputs created (start-end) |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
                 f"| {r['wait_write_s']} | {r['tail_s']} | {r['tail_after_last_block_s']} "
                 f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} "
-                f"| {r['head_open_s']} | {r['head_read_s']} "
-                f"| {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} "
+                f"| {r['head_open_s']} | {'-'.join(f'{x:.3f}' for x in r['head_setup_span_s'])} "
+                f"| {r['head_read_s']} | {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} "
                 f"| {'-'.join(f'{x:.3f}' for x in r['head_writers_open_span_s'])} |"
             )
     if args.json:

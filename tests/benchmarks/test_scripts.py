@@ -67,6 +67,10 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
     assert 0 <= a0 <= b0 <= a1 <= b1
     assert math.isclose(b1, r["head_read_s"], abs_tol=1.5e-3)
     assert r["head_open_s"] <= a0 and b1 <= r["head_s"] + 1e-3
+    # The sliding window's set-up runs after the scene is open and ends when the first part is handed
+    # to the reader thread, which then starts loading it.
+    s0, s1 = r["head_setup_span_s"]
+    assert r["head_open_s"] - 1e-3 <= s0 <= s1 <= a0 + 1e-4
     assert len(r["runs"]["full_s"]) == 1
     w0, w1 = r["head_writers_open_span_s"]
     assert 0 <= w0 <= w1 <= r["timeline_full_s"]
