@@ -131,7 +131,7 @@ def _kernel_stats(fn, steps: int, top: dict | None = None) -> tuple[float, float
 
 def kernels(device: torch.device, batch: int = 8, compiled: bool = False) -> dict:
     """Kernels of the loss's forward + backward, their GPU time, and the kernels of most time: eager
-    and recorded, CL and InfoNCE; with ``compiled`` also the compiled + recorded CL loss
+    and recorded, CL and InfoNCE, and the reference mode (eager); with ``compiled`` also the compiled + recorded CL loss
     (``compile=True, cuda_graph=True``: ≈ 3 min of compiling on an H100)."""
     feats, mask = loss_inputs(batch, device)
     variants = [
@@ -139,6 +139,8 @@ def kernels(device: torch.device, batch: int = 8, compiled: bool = False) -> dic
         for name, graph in (("eager", False), ("graph", True))
         for loss in ("cl", "infonce")
     ]
+    # The reference mode's device pass (its host plan is timed by ct_loss.py --part plan).
+    variants += [(f"reference-{loss}", False, loss, {"mode": "reference"}) for loss in ("cl", "infonce")]
     if compiled:
         variants.append(("compiled-graph-cl", True, "cl", {"compile": True}))
     out = {}
