@@ -131,8 +131,8 @@ def _kernel_stats(fn, steps: int, top: dict | None = None) -> tuple[float, float
 
 def kernels(device: torch.device, batch: int = 8, compiled: bool = False) -> dict:
     """Kernels of the loss's forward + backward, their GPU time, and the kernels of most time: eager
-    and recorded, CL and InfoNCE, and the reference mode (eager); with ``compiled`` also the compiled + recorded CL loss
-    (``compile=True, cuda_graph=True``: ≈ 3 min of compiling on an H100)."""
+    and recorded, CL and InfoNCE, and the reference mode (eager); with ``compiled`` also the compiled +
+    recorded CL loss (``compile=True, cuda_graph=True``: ≈ 3 min of compiling on an H100)."""
     feats, mask = loss_inputs(batch, device)
     variants = [
         (f"{name}-{loss}", graph, loss, {})
@@ -311,11 +311,12 @@ def _phased_step(config: str, device: torch.device, batch: int):
 
 
 def host(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
-    """Where the host's time goes in a training step (B = 8, 512², fp32): per phase (model forward,
-    CT call, backward, optimizer) with a sync between phases (so each is launch work only, an upper
-    bound: the sync also waits for that phase's kernels when they outlast its launches), and a Python
-    profile (``cProfile``, own time) of the CT call, eager and recorded; also ATen ops the main
-    thread dispatches per step (torch.profiler, CPU), by name, beyond the baseline's."""
+    """Where the host's time goes in a training step (B = 8, 512², fp32), without CT and with the
+    recorded and the eager CL loss: the median time of each phase (model forward, CT call, backward,
+    optimizer) from an idle device to the end of its kernels (:func:`_phased_step`: the longer of the
+    phase's launch work and its device work); the ATen operators and runtime calls per step, by name,
+    beyond the baseline's (torch.profiler, CPU); and a Python profile (``cProfile``, own time) of five
+    unsynced steps."""
     import cProfile
     import io
     import pstats
