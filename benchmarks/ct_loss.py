@@ -49,6 +49,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -218,8 +219,47 @@ def bench_loss(batch: int, repeats: int, device: torch.device) -> dict[str, dict
 
 
 # --------------------------------------------------------------------------- host plan
+def _tiny_ops(n: int, x: torch.Tensor) -> None:
+    """``n`` operators on a tiny CPU tensor: host work like a launch-bound training step's (each
+    operator releases the GIL and takes it back)."""
+    for _ in range(n):
+        x + 1  # the operator's dispatch is the work
+
+
+def plan_gil_cost(plan: Callable[[], object], rounds: int = 15, chunk: int = 50) -> dict[str, float]:
+    """How much one host plan, run on a second thread as ``prefetch`` runs it, slows a main thread that
+    dispatches operators meanwhile (the plan's Python holds the GIL the dispatch needs).
+
+    Per round: the main thread's dispatch rate alone (:func:`_tiny_ops`), then while one plan runs
+    beside it (from the plan's start until it ends); ``main_lost_s`` = the time beside the plan minus
+    what the same operators took alone, i.e. the main thread's delay per plan. Medians of ``rounds``.
+    """
+    x = torch.ones(4)
+    alone_rate, plan_s, lost = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        _tiny_ops(40 * chunk, x)
+        alone_rate.append(40 * chunk / (time.perf_counter() - t0))
+        planner = threading.Thread(target=plan)
+        ops = 0
+        t0 = time.perf_counter()
+        planner.start()
+        while True:  # at least one chunk: a plan that ends at once still shares the start
+            _tiny_ops(chunk, x)
+            ops += chunk
+            if not planner.is_alive():
+                break
+        elapsed = time.perf_counter() - t0
+        planner.join()
+        plan_s.append(elapsed)
+        lost.append(elapsed - ops / alone_rate[-1])
+    return {"plan_beside_main_s": statistics.median(plan_s), "main_lost_s": statistics.median(lost)}
+
+
 def bench_plan(batch: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median and minimum time (s) of the reference mode's host plan, per reference variant."""
+    """Median and minimum time (s) of the reference mode's host plan, per reference variant, and how
+    much the plan slows a main thread that dispatches operators meanwhile (:func:`plan_gil_cost`: the
+    plan's Python holds the GIL that the training step's launches need)."""
     from ctseg.contrastive.paper import group_bounds
     from ctseg.contrastive.patches import patch_class_counts
     from ctseg.contrastive.reference import plan_reference
@@ -239,6 +279,7 @@ def bench_plan(batch: int, repeats: int) -> dict[str, dict[str, float]]:
             plan_reference(ct.cfg, counts, grids, bounds)
             times.append(time.perf_counter() - t0)
         out[v] = {"median_s": statistics.median(times), "min_s": min(times)}
+        out[v].update(plan_gil_cost(functools.partial(plan_reference, ct.cfg, counts, grids, bounds)))
     return out
 
 
@@ -636,7 +677,11 @@ def main() -> None:
             results[f"plan_B{b}"] = res
             print(f"\nReference host plan alone, B={b}, {SIZE}², {torch.get_num_threads()} thread(s):")
             for v, r in res.items():
-                print(f"  {v:18s} median {r['median_s'] * 1000:7.2f} ms   min {r['min_s'] * 1000:7.2f} ms")
+                print(
+                    f"  {v:18s} median {r['median_s'] * 1000:7.2f} ms   min {r['min_s'] * 1000:7.2f} ms   "
+                    f"beside a dispatching main thread {r['plan_beside_main_s'] * 1000:.1f} ms, "
+                    f"which it delays by {r['main_lost_s'] * 1000:.1f} ms"
+                )
     if args.part in ("step", "all"):
         res = bench_step(
             args.repeats,

@@ -104,6 +104,10 @@ def test_ct_loss_benchmark_times_the_reference_host_plan(tmp_path: Path):
     assert set(plan) == {"reference-cl", "reference-infonce"}  # paper mode has no host plan
     for name, r in plan.items():
         assert 0 < r["min_s"] <= r["median_s"], name
+        # The plan beside a dispatching main thread, and the main thread's delay: never more than
+        # the time the two ran together (what it dispatched meanwhile took some time of its own).
+        assert r["plan_beside_main_s"] > 0, name
+        assert math.isfinite(r["main_lost_s"]) and r["main_lost_s"] < r["plan_beside_main_s"], name
 
 
 @pytest.mark.slow
