@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ from ct_loss import (  # the script's folder
     loss_inputs,
     measure_step_memory,
     step_setup,
+    sync,
     timed,
 )
 from ctseg.contrastive import PatchContrastiveLoss
@@ -266,48 +267,31 @@ def workspaces(device: torch.device, batch: int = 8) -> dict:
     return out
 
 
-def _phased_step(config: str, device: torch.device, batch: int):
-    """A training step as in ``ct_loss.make_step``; called with a dict, it times each phase (the model's
-    forward, the CT call, the backward, the optimizer step) from an idle device to the end of the
-    phase's kernels (a sync between phases: the longer of its launch work and its device work)."""
-    import torch.nn.functional as F
+def _phased_step(config: str, device: torch.device, batch: int) -> Callable[..., None]:
+    """The step of ``ct_loss.step_setup``; called with a dict, it also times each phase (the model's
+    forward, the CT call, the backward, the optimizer step, :func:`ct_loss.make_step`'s marks) from an
+    idle device to the end of the phase's kernels (a sync at each mark: the longer of the phase's
+    launch work and its device work), in ms, appended under the phase's name."""
+    times: dict[str, list[float]] | None = None
+    last = 0.0
 
-    from ct_loss import SIZE, build_model, dubai_masks, make_ct, sync
+    def mark(phase: str) -> None:
+        nonlocal last
+        if times is None:
+            return
+        sync(device)
+        now = time.perf_counter()
+        times.setdefault(phase, []).append((now - last) * 1000)
+        last = now
 
-    model = build_model(device)
-    ct = None if config == "baseline" else make_ct(config, device, clip=None)
-    params = list(model.parameters()) + ([] if ct is None else list(ct.parameters()))
-    opt = torch.optim.AdamW(params, lr=0.0)
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(device)
-    masks = dubai_masks(batch).to(device)
+    step = step_setup(config, device, batch, mark)
 
-    def step(times: dict[str, list[float]] | None = None) -> None:
-        marks = [time.perf_counter()]
+    def run(out: dict[str, list[float]] | None = None) -> None:
+        nonlocal times, last
+        times, last = out, time.perf_counter()
+        step()
 
-        def mark() -> None:
-            if times is not None:
-                sync(device)
-            marks.append(time.perf_counter())
-
-        logits, feats = model(images, return_features=True)
-        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
-        mark()
-        if ct is not None:
-            loss = loss + ct(feats, masks)[0]
-        mark()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        mark()
-        opt.step()
-        mark()
-        if times is not None:
-            # A phase: from its start until its kernels are done (mark() syncs before it reads the clock).
-            phases = ("forward", "ct", "backward", "optimizer")
-            for name, (a, b) in zip(phases, itertools.pairwise(marks), strict=True):
-                times.setdefault(name, []).append((b - a) * 1000)
-
-    return step, ct
+    return run
 
 
 def host(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
@@ -323,12 +307,10 @@ def host(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from ct_loss import sync
-
     out: dict[str, object] = {}
     base_ops: dict[str, int] = {}
     for config in ("baseline", "paper-cl+graph", "paper-cl"):
-        step, ct = _phased_step(config, device, batch)
+        step = _phased_step(config, device, batch)
         for _ in range(3):
             step()
         sync(device)
@@ -360,7 +342,7 @@ def host(device: torch.device, batch: int = 8, repeats: int = 10) -> dict:
             pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(35)
             res["cprofile_step_tottime_5_steps"] = buf.getvalue()[-7000:]
         out[config] = res
-        del step, ct
+        del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out

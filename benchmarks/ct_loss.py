@@ -343,17 +343,28 @@ def build_model(device: torch.device) -> torch.nn.Module:
     return create("dcpoolformer-paper", num_classes=NUM_CLASSES).to(device).train()
 
 
-def make_step(model, ct, opt, images, masks) -> Callable[[], None]:
+def make_step(model, ct, opt, images, masks, mark: Callable[[str], None] | None = None) -> Callable[[], None]:
+    """One training step; ``mark(phase)``, when given, is called at the end of each phase: "forward"
+    (model and cross-entropy), "ct", "backward" (with the zeroing of the gradients), "optimizer"."""
+
     def step() -> None:
         if ct is not None:
             ct.prefetch(masks)  # as SegmentationModule.training_step does (a no-op in paper mode)
         logits, feats = model(images, return_features=True)
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
+        if mark is not None:
+            mark("forward")
         if ct is not None:
             loss = loss + ct(feats, masks)[0]
+        if mark is not None:
+            mark("ct")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if mark is not None:
+            mark("backward")
         opt.step()
+        if mark is not None:
+            mark("optimizer")
 
     return step
 
@@ -376,7 +387,7 @@ def _run_steps(step: Callable[[], None], n: int) -> None:
         step()
 
 
-def step_setup(config: str, device: torch.device, batch: int):
+def step_setup(config: str, device: torch.device, batch: int, mark: Callable[[str], None] | None = None):
     model = build_model(device)
     ct = None if config == "baseline" else make_ct(config, device, clip=None)
     params = list(model.parameters()) + ([] if ct is None else list(ct.parameters()))
@@ -384,7 +395,7 @@ def step_setup(config: str, device: torch.device, batch: int):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, SIZE, SIZE, generator=g).to(device)
     masks = dubai_masks(batch).to(device)
-    return make_step(model, ct, opt, images, masks)
+    return make_step(model, ct, opt, images, masks, mark)
 
 
 def _peak_rss_reset() -> bool:
@@ -519,11 +530,8 @@ def bench_step(
     times: dict[str, list[float]] = {c: [] for c in configs}
     for _ in range(repeats):
         for c in configs:
-            if steps_per_timing == 1:
-                times[c].append(timed(steps[c], device))
-            else:
-                block = functools.partial(_run_steps, steps[c], steps_per_timing)
-                times[c].append(timed(block, device) / steps_per_timing)
+            block = functools.partial(_run_steps, steps[c], steps_per_timing)
+            times[c].append(timed(block, device) / steps_per_timing)
     out: dict[str, dict] = {c: {"time_s": statistics.median(t)} for c, t in times.items()}
     for c, t in times.items():
         # Paired within each round (the config's step over the baseline's step of the same round): a
