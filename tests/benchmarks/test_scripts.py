@@ -76,6 +76,33 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
     assert 0 <= w0 <= w1 <= r["timeline_full_s"]
 
 
+def test_label_png_benchmark_compares_the_strategies_on_the_same_maps(tmp_path: Path):
+    out = tmp_path / "png.json"
+    proc = run_script(
+        "label_png.py",
+        "--width", "700",
+        "--rows", "300",
+        "--block", "128",
+        "--scales", "32", "4",
+        "--repeats", "1",
+        "--threads", "2",
+        "--workdir", str(tmp_path / "not" / "yet"),  # created by the script
+        "--json", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert (report["width"], report["rows"], report["threads"]) == (700, 300, 2)
+    results = report["results"]
+    assert {"field-32", "field-4"} <= set(results)
+    assert ("dubai" in results) == ("dubai: skipped" not in proc.stdout)
+    for name, r in results.items():
+        assert f"| {name} |" in proc.stdout
+        assert all(r[k]["time_s"] > 0 and r[k]["bytes"] > 0 for k in ("rle", "default"))
+        assert math.isclose(r["rle"]["bytes_vs_default"], r["rle"]["bytes"] / r["default"]["bytes"] - 1)
+    # Region maps are runs: run-length matching finds them all, level 1's default search does not.
+    assert results["field-32"]["rle"]["bytes"] < results["field-32"]["default"]["bytes"]
+    assert not list((tmp_path / "not" / "yet").iterdir())  # its temporary PNGs are gone
+
+
 def test_ct_loss_benchmark_counts_the_dispatched_operators(tmp_path: Path):
     shared_data_path("dubai")  # the benchmark's label crops; skips when absent
     out = tmp_path / "ct.json"

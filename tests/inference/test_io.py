@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,30 @@ def test_png_pieces_compressed_in_parallel_form_one_valid_stream(
         for y in range(0, 61, 20):
             wr.write(data[y : y + 20])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), data)
+
+
+def test_label_pngs_are_deflated_as_runs_and_read_back_exactly(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1-channel PNGs use zlib's run-length strategy by default: still one valid stream of parallel
+    pieces, and on a label map (runs of classes) smaller than the default strategy gives."""
+    monkeypatch.setattr(cio, "_PNG_PIECE", 4096)
+    # Blocky class regions with a little salt, like a segmentation of a real scene.
+    labels = np.kron(rng.integers(0, 5, (30, 40)), np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
+    salt = rng.random(labels.shape) < 0.02
+    labels[salt] = rng.integers(0, 5, int(salt.sum()))
+    h, w = labels.shape
+    sizes = {}
+    for name, strategy in (("rle", None), ("default", zlib.Z_DEFAULT_STRATEGY)):
+        path = tmp_path / f"{name}.png"
+        with PNGStreamWriter(path, w, h, palette=COLORS, threads=3, strategy=strategy) as wr:
+            assert wr.strategy == (zlib.Z_RLE if strategy is None else strategy)
+            for y in range(0, h, 50):
+                wr.write(labels[y : y + 50])
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), labels)
+        sizes[name] = path.stat().st_size
+    assert sizes["rle"] < sizes["default"]
+    assert PNGStreamWriter(tmp_path / "rgb.png", 4, 4, channels=3).strategy == zlib.Z_DEFAULT_STRATEGY
 
 
 def test_a_failing_writer_leaves_no_partial_output(

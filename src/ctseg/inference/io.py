@@ -435,9 +435,9 @@ _ZLIB_HEADER = b"\x78\x01"
 _PNG_PIECE = 1 << 20  # bytes of filtered rows compressed per task
 
 
-def _deflate_piece(data: memoryview, level: int) -> bytes:
+def _deflate_piece(data: memoryview, level: int, strategy: int) -> bytes:
     # Raw deflate ending on a byte boundary (sync flush, not final): pieces concatenate into one stream.
-    z = zlib.compressobj(level, zlib.DEFLATED, -15)
+    z = zlib.compressobj(level, zlib.DEFLATED, -15, 9, strategy)
     return z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
 
 
@@ -456,6 +456,11 @@ class PNGStreamWriter(RowWriter):
         palette: RGB colours, makes a palette ("P") image of 1 channel.
         level: zlib level; 1 compresses label maps nearly as well as 9, many times faster.
         threads: compression threads (default: up to 8, the CPUs available).
+        strategy: zlib strategy. Default: ``zlib.Z_RLE`` for 1-channel images, the zlib default for RGB.
+            A label map's rows are runs of one value, which run-length matching (distance 1 only)
+            finds without searching: on 6000-wide label maps of smooth to noisy texture it deflated
+            15–35 % faster than the default strategy and into 20–50 % fewer bytes
+            (docs/benchmarks.md, Inference). Photographs and other RGB rows are not runs.
     """
 
     def __init__(
@@ -467,6 +472,7 @@ class PNGStreamWriter(RowWriter):
         palette: Sequence[Sequence[int]] | None = None,
         level: int = 1,
         threads: int | None = None,
+        strategy: int | None = None,
     ) -> None:
         if channels not in (1, 3) or (palette is not None and channels != 1):
             raise ValueError("PNG rows: 1 channel (grey/palette) or 3 (RGB)")
@@ -475,6 +481,9 @@ class PNGStreamWriter(RowWriter):
         self.path = Path(path)
         self.width, self.height, self.channels = width, height, channels
         self.level = level
+        self.strategy = (
+            (zlib.Z_RLE if channels == 1 else zlib.Z_DEFAULT_STRATEGY) if strategy is None else strategy
+        )
         self._rows = 0
         self._adler = 1
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -522,10 +531,10 @@ class PNGStreamWriter(RowWriter):
         for piece in pieces:
             if parallel:
                 assert self._pool is not None
-                self._chunk.append(self._pool.submit(_deflate_piece, piece, self.level))
+                self._chunk.append(self._pool.submit(_deflate_piece, piece, self.level, self.strategy))
             else:
                 done: Future[bytes] = Future()
-                done.set_result(_deflate_piece(piece, self.level))
+                done.set_result(_deflate_piece(piece, self.level, self.strategy))
                 self._chunk.append(done)
         self._rows += h
         if more:
