@@ -36,7 +36,8 @@ memory of the full run. Peak RSS must not grow with the scene beyond the O(K · 
 Also measured, to show where the time goes (second table): ``compute`` = the same model through the
 sliding window, blending and argmax with the scene already in memory and nothing written (what the
 device does), ``read`` = reading and padding all strips alone, ``write`` = writing the label GeoTIFF and
-colour PNG alone. A pipeline that overlaps its host work with the device takes ``full ≈ max(compute,
+colour PNG alone, one after the other (and each file alone: ``write_each_s``; ``predict_file`` writes
+them in parallel, one thread per file, so the slower one bounds it). A pipeline that overlaps its host work with the device takes ``full ≈ max(compute,
 read, write)``; a serial one ``≈ compute + read + write``.
 
 ``--simulate-forward-ms MS`` is a SIMULATION for machines without a GPU, never a GPU figure: the model
@@ -239,7 +240,7 @@ def worker(args: argparse.Namespace) -> dict:
         raws.append(raw())
         computes.append(compute_run(net, reader_mem, settings, device))
     del reader_mem
-    read, write = io_split(args.scene, out, settings)
+    read, write, write_each = io_split(args.scene, out, settings)
     # On CUDA the forward spans are launch times (kernels run asynchronously): head, waits and the
     # tail after the last block are still host time the device may not hide.
     timed = args.simulate_forward_ms is not None or device.startswith("cuda")
@@ -263,6 +264,7 @@ def worker(args: argparse.Namespace) -> dict:
         "compute_s": round(compute, 3),
         "read_s": round(read, 3),
         "write_s": round(write, 3),
+        "write_each_s": {k: round(v, 4) for k, v in write_each.items()},
         "full_over_compute": round(full / compute - 1, 4),
         "cold_full_s": round(cold_full, 3),
         "runs": {
@@ -293,7 +295,8 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     ``predict_file`` hands the last strip over in blocks of ``FINAL_BLOCK_ROWS`` rows, that is the last
     of these small blocks: compare ``tail_s`` across versions);
     ``tail_after_last_write_s``: from the start of the last block's write (its rows are on the host) to
-    the return; ``close_s`` / ``fsync_s``: the longest closing of a file (last tiles, trailer, fsync) /
+    the return; ``tail_lanes_s``: per output file (write lane), when its last write ended after the
+    last block was handed over (a lane that lags behind the device ends late) and its busy time; ``close_s`` / ``fsync_s``: the longest closing of a file (last tiles, trailer, fsync) /
     the longest fsync in it, which run in parallel, one write lane per file;
     ``head_open_s`` / ``head_read_s``: from the call until the scene is open / until the last part
     of the first strip is read (what remains of ``head_s`` after that is its upload, normalisation and
@@ -367,7 +370,17 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
     # file's closing (last tiles, trailer, fsync) and its fsync; for the head, the opening of the scene
     # and the strip loads (reader threads).
     cpredict._start_copy = spanned("handed", start_copy)
-    cpredict._write, cpredict._close = spanned("lane_write", write_fn), spanned("close", close_fn)
+
+    def lane_write(writer: Any, block: Any, key: str, *a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return write_fn(writer, block, key, *a, **k)
+        finally:
+            span = (t0, time.perf_counter())
+            spans["lane_write"].append(span)
+            spans[f"lane_write:{key}"].append(span)
+
+    cpredict._write, cpredict._close = lane_write, spanned("close", close_fn)
     os.fsync = spanned("fsync", fsync_fn)
     cpredict.open_scene, csliding._load_strip = spanned("open", open_fn), spanned("load", load_fn)
     cpredict._WriterSpec.open = spanned("writers_open", writers_open_fn)  # type: ignore[method-assign]
@@ -410,6 +423,16 @@ def timeline(net: nn.Module, run: Any) -> dict[str, float]:
         # From the start of the last block's write (its rows are on the host) to the return: the
         # host's own tail (with the write of that block, the closing and the fsync of every file).
         "tail_after_last_write_s": round(t1 - last_write, 3),
+        # Per write lane (output file): how long after the last block was handed over its last write
+        # ended (its backlog at the end), and its busy time over the whole run (all its writes).
+        "tail_lanes_s": {
+            kind.split(":", 1)[1]: {
+                "last_write_end_after_last_block": round(max(b for _, b in v) - spans["handed"][-1][1], 4),
+                "busy": round(sum(b - a for a, b in v), 4),
+            }
+            for kind, v in sorted(spans.items())
+            if kind.startswith("lane_write:")
+        },
         "close_s": round(max(b - a for a, b in spans["close"]), 3),
         "fsync_s": round(max(b - a for a, b in spans["fsync"]), 3),
         "forward_s": round(sum(b - a for a, b in f), 3),
@@ -442,9 +465,10 @@ def compute_run(net: nn.Module, reader: Any, settings: Any, device: str) -> floa
     return time.perf_counter() - t0
 
 
-def io_split(scene: Path, out: Path, settings: Any) -> tuple[float, float]:
-    """Seconds of the file I/O alone: reading and padding all strips (one thread), and writing the label
-    GeoTIFF and colour PNG of the full run again from memory by blocks of ``stride`` rows."""
+def io_split(scene: Path, out: Path, settings: Any) -> tuple[float, float, dict[str, float]]:
+    """Seconds of the file I/O alone: reading and padding all strips (one thread); writing the label
+    GeoTIFF and colour PNG of the full run again from memory by blocks of ``stride`` rows, both files
+    in turn per block; and per file, each written alone (``{"labels": s, "color": s}``)."""
     import rasterio
 
     from ctseg.inference.io import GeoTIFFWriter, PNGStreamWriter, gdal_env, open_scene
@@ -473,7 +497,26 @@ def io_split(scene: Path, out: Path, settings: Any) -> tuple[float, float]:
                 a.write(labels[y : y + settings.stride])
                 b.write(labels[y : y + settings.stride])
         write = time.perf_counter() - t0
-    return read, write
+        # Each file alone (predict_file writes them in parallel, one lane each: the slower one bounds it).
+        each = {}
+        for key, make in (
+            ("labels", lambda: GeoTIFFWriter(tmp / "l.tif", w, h, 1, np.uint8, georef, palette)),
+            ("color", lambda: PNGStreamWriter(tmp / "c.png", w, h, palette=palette)),
+        ):
+            t0 = time.perf_counter()
+            with make() as writer:
+                for y in range(0, h, settings.stride):
+                    writer.write(labels[y : y + settings.stride])
+            each[key] = time.perf_counter() - t0
+    return read, write, each
+
+
+def lanes(tail_lanes: dict[str, dict[str, float]]) -> str:
+    """``labels 0.012 / 0.150 s, color …``: per write lane, its last write's end after the last block
+    was handed over and its busy time (the timeline's ``tail_lanes_s``)."""
+    return ", ".join(
+        f"{k} {v['last_write_end_after_last_block']:.3f} / {v['busy']:.3f}" for k, v in tail_lanes.items()
+    )
 
 
 def main() -> int:
@@ -589,12 +632,16 @@ def main() -> int:
             f"| {r.get('peak_rss_raw_mb')} | {r['peak_rss_mb']} | {r['gpu_peak_mb'] or '—'} |"
         )
     print("\nTime split, seconds, medians (each part alone; overlapped: full ≈ max(compute, read, write)):")
-    print("| scene | raw forward | compute (no files) | read | write | full | full / compute − 1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| scene | raw forward | compute (no files) | read | write | write labels / colour alone | full "
+        "| full / compute − 1 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        each = r["write_each_s"]
         print(
-            f"| {r['size']} | {r['raw_s']} | {r['compute_s']} | {r['read_s']} | {r['write_s']} | {r['full_s']} "
-            f"| {100 * r['full_over_compute']:.1f}% |"
+            f"| {r['size']} | {r['raw_s']} | {r['compute_s']} | {r['read_s']} | {r['write_s']} "
+            f"| {each['labels']} / {each['color']} | {r['full_s']} | {100 * r['full_over_compute']:.1f}% |"
         )
     if any("head_s" in r for r in results):
         what = "(simulated) forward" if sim is not None else "forward (CUDA: its launch; kernels run async)"
@@ -603,9 +650,10 @@ def main() -> int:
             "| scene | full | forward | head (to 1st forward) | waits for reads | waits for writes | tail "
             "| of which after the last block | after its write began | longest close | longest fsync "
             "| head: scene open at | head: window set-up (start-end) | head: first strip read at "
-            "| head: loads (start-end) | head: outputs created (start-end) |"
+            "| head: loads (start-end) | head: outputs created (start-end) "
+            "| per file: last write ended after the last block / busy |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|")
         for r in results:
             print(
                 f"| {r['size']} | {r['timeline_full_s']} | {r['forward_s']} | {r['head_s']} | {r['wait_read_s']} "
@@ -613,7 +661,8 @@ def main() -> int:
                 f"| {r['tail_after_last_write_s']} | {r['close_s']} | {r['fsync_s']} "
                 f"| {r['head_open_s']} | {'-'.join(f'{x:.3f}' for x in r['head_setup_span_s'])} "
                 f"| {r['head_read_s']} | {', '.join(f'{a:.3f}-{b:.3f}' for a, b in r['head_load_spans_s'])} "
-                f"| {'-'.join(f'{x:.3f}' for x in r['head_writers_open_span_s'])} |"
+                f"| {'-'.join(f'{x:.3f}' for x in r['head_writers_open_span_s'])} "
+                f"| {lanes(r['tail_lanes_s'])} |"
             )
     if args.json:
         from ctseg.utils.io import atomic_write_json

@@ -74,6 +74,14 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
     assert len(r["runs"]["full_s"]) == 1
     w0, w1 = r["head_writers_open_span_s"]
     assert 0 <= w0 <= w1 <= r["timeline_full_s"]
+    # The tail per write lane (one per output file): its last write ended before the call returned,
+    # and it was busy for less than the whole run; each file's write alone is timed too.
+    assert set(r["tail_lanes_s"]) == set(r["write_each_s"]) == {"labels", "color"}
+    for lane in r["tail_lanes_s"].values():
+        assert -1e-3 <= lane["last_write_end_after_last_block"] <= r["tail_after_last_block_s"] + 1e-3
+        assert 0 < lane["busy"] <= r["timeline_full_s"]
+    assert all(t > 0 for t in r["write_each_s"].values())
+    assert "| color " in proc.stdout and ", labels " in proc.stdout  # lanes in name order
 
 
 def test_label_png_benchmark_compares_the_strategies_on_the_same_maps(tmp_path: Path):
