@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,13 +42,16 @@ def write_geotiff(
     crs: str | None = "EPSG:32632",
     origin: tuple[float, float] = (500000.0, 5800000.0),
     gsd: float = 0.5,
+    **profile: Any,
 ) -> Path:
-    """Write an ``(H, W, C)`` array as a GeoTIFF with a UTM CRS and a north-up transform."""
+    """Write an ``(H, W, C)`` array as a GeoTIFF with a UTM CRS and a north-up transform (``profile``:
+    more creation options, e.g. ``nodata=0``)."""
     rasterio = pytest.importorskip("rasterio")
     from affine import Affine
 
     h, w, c = array.shape
     profile = {
+        **profile,
         "driver": "GTiff",
         "width": w,
         "height": h,

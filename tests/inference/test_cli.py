@@ -103,6 +103,35 @@ def test_predict_folder_and_geotiff(tmp_path: Path, tiny_registry, smooth_image:
     assert "scene_labels.tif" in capsys.readouterr().out
 
 
+def test_predict_masks_nodata_unless_told_not_to(
+    tmp_path: Path, tiny_registry, smooth_image: np.ndarray
+) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    protocol = get_protocol("synthetic")
+    ckpt = save_checkpoint(tmp_path / "m.ckpt", pointwise_net(protocol.num_classes), protocol)
+    img = np.maximum(smooth_image, 1)
+    img[:, :12] = 0  # outside the scene's footprint
+    scene = write_geotiff(tmp_path / "scene.tif", img, nodata=0)
+    args = [
+        "--window",
+        "32",
+        "--overlap",
+        "8",
+        "--no-progress",
+        "--checkpoint",
+        str(ckpt),
+        "--input",
+        str(scene),
+    ]
+    labels = {}
+    for name, extra in (("masked", []), ("plain", ["--no-nodata-mask"])):
+        assert main(["predict", *args, "--output", str(tmp_path / name), *extra]) == 0
+        with rasterio.open(tmp_path / name / "scene_labels.tif") as d:
+            labels[name] = d.read(1)
+    assert (labels["masked"][:, :12] == 255).all() and (labels["plain"] < protocol.num_classes).all()
+    np.testing.assert_array_equal(labels["masked"][:, 12:], labels["plain"][:, 12:])
+
+
 def test_predict_errors_are_one_line_naming_the_file(tmp_path: Path, tiny_registry, capsys) -> None:
     ckpt = save_checkpoint(tmp_path / "m.ckpt", pointwise_net(6), get_protocol("synthetic"))
     bad = tmp_path / "bad.png"

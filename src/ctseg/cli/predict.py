@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bands", type=_ints, default=None, help="three 1-based band numbers, e.g. 1,2,3 of an RGBIR scene"
     )
+    p.add_argument(
+        "--no-nodata-mask",
+        action="store_true",
+        help="classify the scene's nodata pixels too (default: label 255, transparent, NaN probabilities)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_window_options(p)
     return p
@@ -170,6 +175,7 @@ def main(argv: Sequence[str]) -> int:
                 bands=args.bands,
                 device=device,
                 progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
+                mask_nodata=not args.no_nodata_mask,
             )
             written = ", ".join(str(p) for p in result.outputs.values())
             print(f"{path} ({result.height}x{result.width}) -> {written}", flush=True)

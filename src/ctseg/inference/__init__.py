@@ -7,6 +7,7 @@
 * :func:`evaluate_tiles` — full-tile evaluation of prepared data at native resolution.
 """
 
+from ctseg.inference.io import NODATA_LABEL
 from ctseg.inference.predict import PredictedFile, predict_file
 from ctseg.inference.sliding import (
     BLEND_WINDOWS,
@@ -30,6 +31,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BLEND_WINDOWS",
+    "NODATA_LABEL",
     "TTA",
     "EvalReport",
     "PredictedFile",

@@ -78,6 +78,13 @@ class SceneReader:
     dtype: np.dtype
     input_max: float
     georef: dict[str, Any] | None = None
+    # Whether some pixels are nodata (a nodata value, an alpha band or a mask): see open_valid_mask().
+    has_mask: bool = False
+
+    def open_valid_mask(self) -> ValidMask | None:
+        """A reader of the scene's valid pixels for another thread (its own file handle), or None when
+        every pixel is valid. The caller closes it."""
+        return None
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         """Raw pixels of rows ``[y0, y1)``, channels first: ``(3, y1 - y0, W)``."""
@@ -97,6 +104,21 @@ class SceneReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# The label of nodata pixels in label maps (uint8: classes 0–254 remain).
+NODATA_LABEL = 255
+
+
+class ValidMask:
+    """The valid pixels of a scene, by rows (:meth:`SceneReader.open_valid_mask`): one thread at a time."""
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        """``(y1 - y0, W)`` bool: True where rows ``[y0, y1)`` hold data, False where they are nodata."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 def _check_input_max(path: Path | None, dtype: np.dtype, input_max: float | None) -> float:
@@ -265,6 +287,15 @@ class RasterioReader(SceneReader):
         self.height, self.width = int(ds.height), int(ds.width)
         georeferenced = ds.crs is not None or not ds.transform.is_identity
         self.georef = {"crs": ds.crs, "transform": ds.transform} if georeferenced else None
+        # GDAL's mask of each band covers a nodata value, an alpha band and an internal or sidecar mask
+        # alike; a band without any is "all valid".
+        flags = [ds.mask_flag_enums[b - 1] for b in self._bands]
+        self.has_mask = any(rasterio.enums.MaskFlags.all_valid not in f for f in flags)
+        # NaN as the nodata value of a float raster: NaN pixels are nodata (masked, fed to the network
+        # as 0), not the corrupt values that an error reports.
+        nodata = [ds.nodatavals[b - 1] for b in self._bands]
+        self._nan_nodata = self.dtype.kind == "f" and any(v is not None and np.isnan(v) for v in nodata)
+        self._mask_threads = threads if ds.compression is not None else "1"
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         from rasterio.windows import Window
@@ -273,7 +304,7 @@ class RasterioReader(SceneReader):
             data = self._ds.read(self._bands, window=Window(0, y0, self.width, y1 - y0))  # (3, h, W)
         except Exception as exc:
             raise DataError(self.path, f"cannot read rows {y0}-{y1} ({exc})") from exc
-        _check_finite(self.path, data, y0)
+        self._check_pixels(data, y0)
         return data
 
     def read_rows_into(self, y0: int, y1: int, out: np.ndarray) -> None:
@@ -284,7 +315,42 @@ class RasterioReader(SceneReader):
             self._ds.read(self._bands, window=Window(0, y0, self.width, y1 - y0), out=out)
         except Exception as exc:
             raise DataError(self.path, f"cannot read rows {y0}-{y1} ({exc})") from exc
-        _check_finite(self.path, out, y0)
+        self._check_pixels(out, y0)
+
+    def _check_pixels(self, rows: np.ndarray, y0: int) -> None:
+        if self._nan_nodata:
+            np.nan_to_num(rows, copy=False, nan=0.0, posinf=np.inf, neginf=-np.inf)
+        _check_finite(self.path, rows, y0)
+
+    def open_valid_mask(self) -> ValidMask | None:
+        if not self.has_mask:
+            return None
+        return _RasterioValidMask(self.path, self._bands, self.width, self._mask_threads)
+
+    def close(self) -> None:
+        self._ds.close()
+
+
+class _RasterioValidMask(ValidMask):
+    """GDAL's masks of the chosen bands, from a handle of its own (a dataset is not shared between
+    threads); a pixel is valid where any band is, as GDAL's dataset mask counts it."""
+
+    def __init__(self, path: Path, bands: Sequence[int], width: int, threads: str) -> None:
+        rasterio = import_rasterio()
+        self.path, self._bands, self._width = path, list(bands), width
+        try:
+            self._ds = rasterio.open(path, num_threads=threads) if threads != "1" else rasterio.open(path)
+        except rasterio.errors.RasterioIOError as exc:
+            raise DataError(path, f"cannot read raster ({exc})") from exc
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        from rasterio.windows import Window
+
+        try:
+            masks = self._ds.read_masks(self._bands, window=Window(0, y0, self._width, y1 - y0))
+        except Exception as exc:
+            raise DataError(self.path, f"cannot read the nodata mask of rows {y0}-{y1} ({exc})") from exc
+        return masks.any(axis=0)
 
     def close(self) -> None:
         self._ds.close()
@@ -454,6 +520,8 @@ class PNGStreamWriter(RowWriter):
         width, height: image size.
         channels: 1 (greyscale or palette) or 3 (RGB).
         palette: RGB colours, makes a palette ("P") image of 1 channel.
+        alpha: with a palette, the opacity (0–255) of its first ``len(alpha)`` colours (a tRNS chunk;
+            the others stay opaque), e.g. 0 for a nodata index.
         level: zlib level; 1 compresses label maps nearly as well as 9, many times faster.
         threads: compression threads (default: up to 8, the CPUs available).
         strategy: zlib strategy. Default: ``zlib.Z_RLE`` for 1-channel images, the zlib default for RGB.
@@ -474,11 +542,14 @@ class PNGStreamWriter(RowWriter):
         level: int = 1,
         threads: int | None = None,
         strategy: int | None = None,
+        alpha: Sequence[int] | None = None,
     ) -> None:
         if channels not in (1, 3) or (palette is not None and channels != 1):
             raise ValueError("PNG rows: 1 channel (grey/palette) or 3 (RGB)")
         if palette is not None and not 0 < len(palette) <= 256:
             raise ValueError("a PNG palette holds 1 to 256 colours")
+        if alpha is not None and (palette is None or len(alpha) > len(palette)):
+            raise ValueError("PNG alpha: one value per palette colour at most, and only with a palette")
         self.path = Path(path)
         self.width, self.height, self.channels = width, height, channels
         self.level = level
@@ -498,6 +569,8 @@ class PNGStreamWriter(RowWriter):
         self._fh.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)))
         if palette is not None:
             self._fh.write(_png_chunk(b"PLTE", bytes(int(v) for c in palette for v in c)))
+        if alpha is not None:
+            self._fh.write(_png_chunk(b"tRNS", bytes(int(a) for a in alpha)))
         self._pending_header = True
 
     def write(self, rows: np.ndarray, more: bool = False) -> None:
@@ -599,7 +672,8 @@ class GeoTIFFWriter(RowWriter):
     """A tiled, deflate-compressed GeoTIFF written by row windows, with the source CRS and transform.
 
     Rows are buffered until a whole row of tiles is complete, so that every compressed tile is written
-    exactly once (GDAL would otherwise rewrite partially filled tiles).
+    exactly once (GDAL would otherwise rewrite partially filled tiles). ``nodata``: the value that marks
+    pixels without data (the file's nodata tag; transparent in the colour table).
     """
 
     BLOCK = 256
@@ -614,6 +688,7 @@ class GeoTIFFWriter(RowWriter):
         georef: dict[str, Any] | None,
         colormap: Sequence[Sequence[int]] | None = None,
         band_names: Sequence[str] | None = None,
+        nodata: float | None = None,
     ) -> None:
         rasterio = import_rasterio()
         if rasterio is None:
@@ -639,11 +714,16 @@ class GeoTIFFWriter(RowWriter):
             profile.update(blockxsize=self.BLOCK, blockysize=self.BLOCK)
         if georef is not None:
             profile.update(crs=georef.get("crs"), transform=georef.get("transform"))
+        if nodata is not None:
+            profile["nodata"] = nodata
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self._ds = rasterio.open(self.path, "w", **profile)
         if colormap is not None and count == 1 and self.dtype == np.uint8:
-            self._ds.write_colormap(1, {i: (*(int(v) for v in c), 255) for i, c in enumerate(colormap)})
+            table = {i: (*(int(v) for v in c), 255) for i, c in enumerate(colormap)}
+            if nodata is not None:
+                table[int(nodata)] = (0, 0, 0, 0)  # nodata: transparent in viewers that use the table
+            self._ds.write_colormap(1, table)
         for i, name in enumerate(band_names or (), start=1):
             self._ds.set_band_description(i, name)
         self._pending: list[np.ndarray] = []

@@ -8,6 +8,10 @@ Outputs for an input ``<stem>.<ext>`` in the output folder:
 * with ``probs``: ``<stem>_probs.tif`` (GeoTIFF input: K float32 bands, one per class) or
   ``<stem>_probs.npy`` (float32 ``(H, W, K)``).
 
+Pixels that the scene marks as nodata (a nodata value, an alpha band or a mask) get the label
+:data:`NODATA_LABEL` (the label GeoTIFF's nodata value, transparent in both colour tables) and NaN
+probabilities, unless ``mask_nodata=False``.
+
 All of them are written to temporary files and renamed into place together at the end.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +34,7 @@ from torch import nn
 
 from ctseg.errors import OutputError
 from ctseg.inference.io import (
+    NODATA_LABEL,
     GeoTIFFWriter,
     NpyStreamWriter,
     OutputSet,
@@ -98,10 +104,15 @@ class _HostBlock:
 
     ``rows`` maps output keys to ``(h, W)`` / ``(h, W, K)`` host tensors; on CUDA they are pinned and
     filled by asynchronous copies, which are complete once ``ready`` (an event recorded after them) is.
+    ``valid``: the block's valid pixels ``(h, W)`` bool, being read (None: all valid); the first
+    :meth:`get` of a key marks its nodata pixels, in place (the write lanes share the block).
     """
 
     rows: dict[str, torch.Tensor]
     ready: torch.cuda.Event | None = None
+    valid: Future[np.ndarray] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _masked: set[str] = field(default_factory=set, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -110,7 +121,13 @@ class _HostBlock:
     def get(self, key: str) -> np.ndarray:
         if self.ready is not None:
             self.ready.synchronize()  # waits for this block only; the device goes on with later strips
-        return self.rows[key].numpy()
+        rows = self.rows[key].numpy()
+        if self.valid is not None:
+            with self._lock:
+                if key not in self._masked:
+                    rows[~self.valid.result()] = NODATA_LABEL if key == "labels" else np.nan
+                    self._masked.add(key)
+        return rows
 
 
 @torch.inference_mode()
@@ -177,6 +194,7 @@ def predict_file(
     bands: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
+    mask_nodata: bool = True,
 ) -> PredictedFile:
     """Predict ``input_path`` with sliding windows and write its outputs into ``output_dir``.
 
@@ -193,6 +211,9 @@ def predict_file(
         colors: class colours for the colour PNG (default: :func:`default_palette`).
         class_names: band descriptions of the probability GeoTIFF.
         probs: also write class probabilities.
+        mask_nodata: where the scene has nodata pixels (a nodata value, an alpha band or a mask), label
+            them :data:`NODATA_LABEL` and give them NaN probabilities. The network still sees them (as
+            their raw values; NaN as 0), so predictions next to them are made as without the mask.
     """
     if num_classes > 256:
         raise ValueError("label maps are uint8: at most 256 classes")
@@ -202,17 +223,28 @@ def predict_file(
     with gdal_env(), open_scene(input_path, input_max=input_max, bands=bands) as reader:
         h, w = reader.height, reader.width
         geo = reader.georef is not None
+        masked = mask_nodata and reader.has_mask
+        if masked and num_classes > NODATA_LABEL:
+            raise ValueError(
+                f"{input_path}: has nodata pixels, which label maps mark as {NODATA_LABEL}: at most "
+                f"{NODATA_LABEL} classes (or mask_nodata=False, CLI --no-nodata-mask)"
+            )
         names = output_names(Path(input_path).stem, geo, probs)
         result = PredictedFile(Path(input_path), h, w, georeferenced=geo)
         gy, _ = settings.grids(h, w)
         final_start = max(gy.starts[-1], gy.pad_before) - gy.pad_before  # scene row of the last strip's rows
         with OutputSet(out_dir) as out:
             paths = {k: out.path(v) for k, v in names.items()}  # temporary files, created here (cheap)
-            spec = _WriterSpec(paths, w, h, num_classes, reader.georef, palette, class_names)
+            spec = _WriterSpec(paths, w, h, num_classes, reader.georef, palette, class_names, masked)
             # The writers (GDAL creates the GeoTIFFs) open in the background: the first strip is read
             # and its forward queued meanwhile, and they are only needed for the first finished block.
             with _opened_in_background(spec) as opening:
                 lanes = {k: ThreadPoolExecutor(1, thread_name_prefix=f"ctseg-write-{k}") for k in names}
+                # The nodata mask of each block is read beside the writes, from a file handle of its own.
+                valid_mask = reader.open_valid_mask() if masked else None
+                mask_lane = (
+                    None if valid_mask is None else ThreadPoolExecutor(1, thread_name_prefix="ctseg-mask")
+                )
                 in_flight: deque[tuple[int, list[Future[None]]]] = deque()  # (host bytes, writes)
                 pending_bytes = 0
                 items: dict[str, RowWriter] | None = None
@@ -235,6 +267,9 @@ def predict_file(
                         rows = block.shape[1]
                         host = _start_copy(block, probs)
                         del block
+                        if mask_lane is not None:
+                            assert valid_mask is not None
+                            host.valid = mask_lane.submit(valid_mask.read, y0, y0 + rows)
                         if items is None:
                             items = opening.result()
                         final = y0 >= final_start
@@ -275,6 +310,10 @@ def predict_file(
                     # writes to it.
                     for lane in lanes.values():
                         lane.shutdown(wait=True, cancel_futures=True)
+                    if mask_lane is not None:
+                        mask_lane.shutdown(wait=True, cancel_futures=True)
+                    if valid_mask is not None:
+                        valid_mask.close()
             result.outputs = {k: out_dir / v for k, v in names.items()}
     return result
 
@@ -290,19 +329,29 @@ class _WriterSpec:
     georef: dict | None
     palette: list[tuple[int, ...]]
     class_names: Sequence[str] | None
+    nodata: bool = False  # some pixels are nodata: NODATA_LABEL / NaN
 
     def open(self) -> dict[str, RowWriter]:
         w, h, geo, paths = self.width, self.height, self.georef is not None, self.paths
+        label_nodata = NODATA_LABEL if self.nodata else None
+        # With nodata the colour PNG's palette reaches index NODATA_LABEL, which is transparent.
+        palette: list[tuple[int, ...]] = list(self.palette)
+        alpha = None
+        if self.nodata:
+            palette += [(0, 0, 0)] * (NODATA_LABEL + 1 - len(palette))
+            alpha = [255] * NODATA_LABEL + [0]
         items: dict[str, RowWriter] = {}
         try:
             with gdal_env():  # rasterio's GDAL settings are per thread
                 if geo:
                     items["labels"] = GeoTIFFWriter(
-                        paths["labels"], w, h, 1, np.uint8, self.georef, self.palette
+                        paths["labels"], w, h, 1, np.uint8, self.georef, self.palette, nodata=label_nodata
                     )
                 else:
                     items["labels"] = PNGStreamWriter(paths["labels"], w, h, channels=1)
-                items["color"] = PNGStreamWriter(paths["color"], w, h, channels=1, palette=self.palette)
+                items["color"] = PNGStreamWriter(
+                    paths["color"], w, h, channels=1, palette=palette, alpha=alpha
+                )
                 if "probs" in paths and geo:
                     items["probs"] = GeoTIFFWriter(
                         paths["probs"],
@@ -312,6 +361,7 @@ class _WriterSpec:
                         np.float32,
                         self.georef,
                         band_names=self.class_names,
+                        nodata=float("nan") if self.nodata else None,
                     )
                 elif "probs" in paths:
                     items["probs"] = NpyStreamWriter(paths["probs"], w, h, self.num_classes)

@@ -475,14 +475,18 @@ class Prediction:
     """Result of :func:`predict_large`.
 
     Attributes:
-        labels: ``(H, W)`` uint8 (int64 when K > 256) argmax of the blended logits.
-        probs: ``(K, H, W)`` float32 softmax of the blended logits, when requested.
-        logits: ``(K, H, W)`` float32 blended logits, when requested.
+        labels: ``(H, W)`` uint8 (int64 when K > 256) argmax of the blended logits;
+            :data:`~ctseg.inference.io.NODATA_LABEL` (255) where the scene has nodata.
+        probs: ``(K, H, W)`` float32 softmax of the blended logits, when requested (NaN at nodata).
+        logits: ``(K, H, W)`` float32 blended logits, when requested (computed at nodata too).
+        valid: ``(H, W)`` bool, False at the scene's nodata pixels; None when it has none (or when
+            they were not masked).
     """
 
     labels: np.ndarray
     probs: np.ndarray | None = None
     logits: np.ndarray | None = None
+    valid: np.ndarray | None = None
 
 
 def predict_large(
@@ -502,6 +506,7 @@ def predict_large(
     return_probs: bool = False,
     return_logits: bool = False,
     progress: ProgressFn | None = None,
+    mask_nodata: bool = True,
 ) -> Prediction:
     """Predict a whole image or scene with sliding windows and blended logits, in memory.
 
@@ -521,8 +526,11 @@ def predict_large(
         device: where the model runs (default: the model's device).
         return_probs / return_logits: also return softmax probabilities / blended logits ``(K, H, W)``.
         progress: ``progress(done, total)`` window counter.
+        mask_nodata: where the scene has nodata pixels (a GeoTIFF's nodata value, alpha band or mask),
+            label them :data:`~ctseg.inference.io.NODATA_LABEL` and give them NaN probabilities, as
+            :func:`~ctseg.inference.predict.predict_file` does; ``Prediction.valid`` is the mask.
     """
-    from ctseg.inference.io import ArrayReader, gdal_env, open_scene
+    from ctseg.inference.io import NODATA_LABEL, ArrayReader, gdal_env, open_scene
     from ctseg.inference.tta import maybe_tta
 
     settings = SlidingWindow(window=window, overlap=overlap, blend=blend, batch_size=batch_size)
@@ -534,12 +542,18 @@ def predict_large(
         reader = image
     net = maybe_tta(model, tta, scales)
     labels: np.ndarray | None = None
-    probs = logits_out = None
+    probs = logits_out = valid = None
     with gdal_env(), reader:
+        masked = mask_nodata and reader.has_mask
         for y0, block in iter_blended_rows(
             net, reader, settings, normalization=normalization, device=device, progress=progress
         ):
             k, h, _ = block.shape
+            if masked and k > NODATA_LABEL:
+                raise ValueError(
+                    f"{reader.path}: has nodata pixels, which label maps mark as {NODATA_LABEL}: at "
+                    f"most {NODATA_LABEL} classes (or mask_nodata=False)"
+                )
             if labels is None:
                 labels = np.empty((reader.height, reader.width), dtype=np.uint8 if k <= 256 else np.int64)
                 if return_probs:
@@ -551,5 +565,15 @@ def predict_large(
                 probs[:, y0 : y0 + h] = F.softmax(block, dim=0).cpu().numpy()
             if logits_out is not None:
                 logits_out[:, y0 : y0 + h] = block.cpu().numpy()
+        valid_mask = reader.open_valid_mask() if masked else None
+        if valid_mask is not None:
+            try:
+                valid = valid_mask.read(0, reader.height)
+            finally:
+                valid_mask.close()
     assert labels is not None
-    return Prediction(labels=labels, probs=probs, logits=logits_out)
+    if valid is not None:
+        labels[~valid] = NODATA_LABEL
+        if probs is not None:
+            probs[:, ~valid] = np.nan
+    return Prediction(labels=labels, probs=probs, logits=logits_out, valid=valid)
