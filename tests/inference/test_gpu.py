@@ -87,3 +87,35 @@ def test_strips_uploaded_ahead_of_a_lagging_device_give_the_same_logits(rng: np.
         for model in (Slow(), net)
     ]
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_cuda_nodata_masks_the_pinned_blocks_without_waiting(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    # The nodata mask is applied in the write lanes to the pinned host blocks, after their copy's
+    # event: on CUDA the labels must be those of the CPU run with 255 at the nodata pixels, and the
+    # prediction loop still makes no synchronising call.
+    rasterio = pytest.importorskip("rasterio")
+    image = rng.integers(1, 256, (600, 700, 3), dtype=np.uint8)
+    nodata = np.zeros(image.shape[:2], dtype=bool)
+    nodata[:, :40] = True
+    nodata[250:420, 300:380] = True
+    image[nodata] = 0
+    src = write_geotiff(tmp_path / "s.tif", image, nodata=0)
+    net = conv_net(6).cuda()
+    with torch.inference_mode():
+        net(torch.zeros(8, 3, 128, 128, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = predict_file(
+            net, src, tmp_path / "o", SlidingWindow(128, 32, batch_size=8), num_classes=6, probs=True
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = predict_large(net.cpu(), image, window=128, overlap=32)
+    with rasterio.open(res.outputs["labels"]) as d, rasterio.open(res.outputs["probs"]) as p:
+        labels, probs = d.read(1), p.read()
+    assert (labels[nodata] == 255).all() and np.isnan(probs[:, nodata]).all()
+    assert (labels[~nodata] == ref.labels[~nodata]).mean() > 0.999  # TF32/cuDNN may flip near-ties
+    assert np.isfinite(probs[:, ~nodata]).all()
