@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, type=Path, help="a .ckpt written by `ctseg fit`")
     p.add_argument(
-        "--input", required=True, type=Path, help="image (PNG/JPEG/TIFF), folder of images, or GeoTIFF"
+        "--input",
+        required=True,
+        type=Path,
+        help="image (PNG/JPEG/TIFF), GeoTIFF or other GDAL raster (.vrt mosaic, .jp2, .img), or a folder of them",
     )
     p.add_argument("--output", required=True, type=Path, help="output folder (created)")
     p.add_argument(

@@ -29,7 +29,10 @@ import numpy as np
 from ctseg.errors import DataError, OutputError
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# Rasters that only GDAL reads (through rasterio): a VRT mosaic of many tiles, JPEG 2000 orthophotos,
+# ERDAS Imagine scenes.
+GDAL_SUFFIXES = (".vrt", ".jp2", ".j2k", ".img")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", *GDAL_SUFFIXES)
 # TIFF tags whose presence makes a TIFF a GeoTIFF (pixel scale, tie points, transformation, geokeys).
 _GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
 GEO_EXTRA_HINT = "reading and writing GeoTIFF needs rasterio: pip install ctseg[geo]"
@@ -359,12 +362,17 @@ class _RasterioValidMask(ValidMask):
 def open_scene(
     path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
 ) -> SceneReader:
-    """A reader for ``path``: rasterio for TIFF when installed, else Pillow (refusing GeoTIFFs)."""
+    """A reader for ``path``: rasterio for TIFF when installed, else Pillow (refusing GeoTIFFs);
+    rasterio for the rasters only GDAL reads (:data:`GDAL_SUFFIXES`); Pillow for PNG / JPEG."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "no such file" if not path.exists() else "not a file")
     if path.stat().st_size == 0:
         raise DataError(path, "empty file")
+    if path.suffix.lower() in GDAL_SUFFIXES:
+        if import_rasterio() is None:
+            raise DataError(path, f"is read by GDAL; {GEO_EXTRA_HINT}")
+        return RasterioReader(path, input_max=input_max, bands=bands)
     if path.suffix.lower() in GEOTIFF_SUFFIXES:
         if import_rasterio() is not None:
             return RasterioReader(path, input_max=input_max, bands=bands)
