@@ -109,7 +109,7 @@ def test_predict_masks_nodata_unless_told_not_to(
     rasterio = pytest.importorskip("rasterio")
     protocol = get_protocol("synthetic")
     ckpt = save_checkpoint(tmp_path / "m.ckpt", pointwise_net(protocol.num_classes), protocol)
-    img = np.maximum(smooth_image, 1)
+    img = np.maximum(np.tile(smooth_image, (4, 3, 1)), 1)  # 308 x 303: one overview level
     img[:, :12] = 0  # outside the scene's footprint
     scene = write_geotiff(tmp_path / "scene.tif", img, nodata=0)
     args = [
@@ -124,10 +124,11 @@ def test_predict_masks_nodata_unless_told_not_to(
         str(scene),
     ]
     labels = {}
-    for name, extra in (("masked", []), ("plain", ["--no-nodata-mask"])):
+    for name, extra, overviews in (("masked", ["--overviews"], [2]), ("plain", ["--no-nodata-mask"], [])):
         assert main(["predict", *args, "--output", str(tmp_path / name), *extra]) == 0
         with rasterio.open(tmp_path / name / "scene_labels.tif") as d:
             labels[name] = d.read(1)
+            assert d.overviews(1) == overviews
     assert (labels["masked"][:, :12] == 255).all() and (labels["plain"] < protocol.num_classes).all()
     np.testing.assert_array_equal(labels["masked"][:, 12:], labels["plain"][:, 12:])
 

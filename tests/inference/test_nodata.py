@@ -141,3 +141,24 @@ def test_nodata_needs_a_free_label(tmp_path: Path, smooth_image: np.ndarray) -> 
     assert list((tmp_path / "out").iterdir()) == []
     res = predict_file(net, src, tmp_path / "out", SETTINGS, num_classes=256, mask_nodata=False)
     assert res.outputs["labels"].is_file()
+
+
+def test_overviews_keep_classes_and_nodata(tmp_path: Path, smooth_image: np.ndarray) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    img, nodata = scene_with_holes(smooth_image)
+    big = np.tile(img, (8, 8, 1))[:, :800]  # 616 x 800 (even): overview factors 2 and 4
+    src = write_geotiff(tmp_path / "big.tif", big, nodata=0)
+    res = predict(src, tmp_path / "out", probs=True, overviews=True)
+    with rasterio.open(res.outputs["labels"]) as d:
+        assert d.overviews(1) == [2, 4] and d.tags(ns="rio_overview")["resampling"] == "nearest"
+        labels = d.read(1)
+    with rasterio.open(res.outputs["labels"], overview_level=0) as o:  # the factor-2 overview itself
+        half = o.read(1)
+    np.testing.assert_array_equal(labels == NODATA_LABEL, np.tile(nodata, (8, 8))[:, :800])
+    # Nearest neighbour: classes and nodata stay what they are, no averaged labels.
+    np.testing.assert_array_equal(half, labels[::2, ::2])
+    with rasterio.open(res.outputs["probs"]) as p:
+        assert p.overviews(1) == [2, 4] and p.tags(ns="rio_overview")["resampling"] == "average"
+    plain = predict(src, tmp_path / "plain")
+    with rasterio.open(plain.outputs["labels"]) as d:
+        assert d.overviews(1) == []

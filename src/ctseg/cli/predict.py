@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="classify the scene's nodata pixels too (default: label 255, transparent, NaN probabilities)",
     )
+    p.add_argument(
+        "--overviews",
+        action="store_true",
+        help="build internal overviews in the output GeoTIFFs (for GIS viewers; a read-back at the end)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_window_options(p)
     return p
@@ -179,6 +184,7 @@ def main(argv: Sequence[str]) -> int:
                 device=device,
                 progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
                 mask_nodata=not args.no_nodata_mask,
+                overviews=args.overviews,
             )
             written = ", ".join(str(p) for p in result.outputs.values())
             print(f"{path} ({result.height}x{result.width}) -> {written}", flush=True)

@@ -681,7 +681,10 @@ class GeoTIFFWriter(RowWriter):
 
     Rows are buffered until a whole row of tiles is complete, so that every compressed tile is written
     exactly once (GDAL would otherwise rewrite partially filled tiles). ``nodata``: the value that marks
-    pixels without data (the file's nodata tag; transparent in the colour table).
+    pixels without data (the file's nodata tag; transparent in the colour table). ``overviews``: a
+    GDAL resampling (``"nearest"`` for labels, ``"average"`` for probabilities) with which internal
+    overviews (factors 2, 4, … until one tile holds the image) are built when the file is closed,
+    so that GIS viewers show a large scene zoomed out without reading every pixel.
     """
 
     BLOCK = 256
@@ -697,6 +700,7 @@ class GeoTIFFWriter(RowWriter):
         colormap: Sequence[Sequence[int]] | None = None,
         band_names: Sequence[str] | None = None,
         nodata: float | None = None,
+        overviews: str | None = None,
     ) -> None:
         rasterio = import_rasterio()
         if rasterio is None:
@@ -734,6 +738,9 @@ class GeoTIFFWriter(RowWriter):
             self._ds.write_colormap(1, table)
         for i, name in enumerate(band_names or (), start=1):
             self._ds.set_band_description(i, name)
+        self._overviews = overviews
+        if overviews is not None and overviews not in rasterio.enums.Resampling.__members__:
+            raise ValueError(f"unknown overview resampling {overviews!r}")
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
         self._row = 0  # first row not yet written to the file
@@ -765,8 +772,25 @@ class GeoTIFFWriter(RowWriter):
                 self._flush(self._pending_rows)
             if self._row != self.height:
                 raise RuntimeError(f"{self.path}: wrote {self._row} of {self.height} rows")
+            if self._overviews is not None:
+                self._build_overviews(self._overviews)
         finally:
             self._ds.close()
+
+    def overview_factors(self) -> list[int]:
+        """2, 4, … up to the first factor at which the whole image fits in one tile (none if it does)."""
+        factors, f = [], 2
+        while max(self.width, self.height) > self.BLOCK * f // 2:
+            factors.append(f)
+            f *= 2
+        return factors
+
+    def _build_overviews(self, resampling: str) -> None:
+        rasterio = import_rasterio()
+        factors = self.overview_factors()
+        if factors:
+            self._ds.build_overviews(factors, rasterio.enums.Resampling[resampling])
+            self._ds.update_tags(ns="rio_overview", resampling=resampling)
 
 
 def close_quietly(items: Iterable[RowWriter]) -> None:

@@ -195,6 +195,7 @@ def predict_file(
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
     mask_nodata: bool = True,
+    overviews: bool = False,
 ) -> PredictedFile:
     """Predict ``input_path`` with sliding windows and write its outputs into ``output_dir``.
 
@@ -214,6 +215,9 @@ def predict_file(
         mask_nodata: where the scene has nodata pixels (a nodata value, an alpha band or a mask), label
             them :data:`NODATA_LABEL` and give them NaN probabilities. The network still sees them (as
             their raw values; NaN as 0), so predictions next to them are made as without the mask.
+        overviews: build internal overviews in the output GeoTIFFs (labels by nearest neighbour,
+            probabilities by average) when they are finished, for GIS viewers; costs a read-back of
+            each file at the end (GeoTIFF input only; PNG has none).
     """
     if num_classes > 256:
         raise ValueError("label maps are uint8: at most 256 classes")
@@ -235,7 +239,9 @@ def predict_file(
         final_start = max(gy.starts[-1], gy.pad_before) - gy.pad_before  # scene row of the last strip's rows
         with OutputSet(out_dir) as out:
             paths = {k: out.path(v) for k, v in names.items()}  # temporary files, created here (cheap)
-            spec = _WriterSpec(paths, w, h, num_classes, reader.georef, palette, class_names, masked)
+            spec = _WriterSpec(
+                paths, w, h, num_classes, reader.georef, palette, class_names, masked, overviews
+            )
             # The writers (GDAL creates the GeoTIFFs) open in the background: the first strip is read
             # and its forward queued meanwhile, and they are only needed for the first finished block.
             with _opened_in_background(spec) as opening:
@@ -330,6 +336,7 @@ class _WriterSpec:
     palette: list[tuple[int, ...]]
     class_names: Sequence[str] | None
     nodata: bool = False  # some pixels are nodata: NODATA_LABEL / NaN
+    overviews: bool = False  # internal overviews in the GeoTIFFs
 
     def open(self) -> dict[str, RowWriter]:
         w, h, geo, paths = self.width, self.height, self.georef is not None, self.paths
@@ -345,7 +352,15 @@ class _WriterSpec:
             with gdal_env():  # rasterio's GDAL settings are per thread
                 if geo:
                     items["labels"] = GeoTIFFWriter(
-                        paths["labels"], w, h, 1, np.uint8, self.georef, self.palette, nodata=label_nodata
+                        paths["labels"],
+                        w,
+                        h,
+                        1,
+                        np.uint8,
+                        self.georef,
+                        self.palette,
+                        nodata=label_nodata,
+                        overviews="nearest" if self.overviews else None,
                     )
                 else:
                     items["labels"] = PNGStreamWriter(paths["labels"], w, h, channels=1)
@@ -362,6 +377,7 @@ class _WriterSpec:
                         self.georef,
                         band_names=self.class_names,
                         nodata=float("nan") if self.nodata else None,
+                        overviews="average" if self.overviews else None,
                     )
                 elif "probs" in paths:
                     items["probs"] = NpyStreamWriter(paths["probs"], w, h, self.num_classes)
