@@ -233,7 +233,16 @@ def worker(args: argparse.Namespace) -> dict:
     def full_run() -> float:
         _sync(device)
         t0 = time.perf_counter()
-        predict_file(net, args.scene, out, settings, num_classes=NUM_CLASSES, device=device, probs=args.probs)
+        predict_file(
+            net,
+            args.scene,
+            out,
+            settings,
+            num_classes=NUM_CLASSES,
+            device=device,
+            probs=args.probs,
+            overviews=args.overviews,
+        )
         _sync(device)
         return time.perf_counter() - t0
 
@@ -572,6 +581,11 @@ def main() -> int:
         "reads its mask beside the writes and marks those pixels",
     )
     p.add_argument(
+        "--overviews",
+        action="store_true",
+        help="the full run also builds the output GeoTIFFs' overviews (predict_file(overviews=True))",
+    )
+    p.add_argument(
         "--read-threads",
         default=None,
         help="GDAL decoding threads of the scene reader (default: ctseg's, ALL_CPUS); 1 for one thread",
@@ -608,6 +622,7 @@ def main() -> int:
                 if v is not None:
                     cmd += [f"--{k.replace('_', '-')}", str(v)]
             cmd += ["--probs"] if args.probs else []
+            cmd += ["--overviews"] if args.overviews else []
             env = dict(
                 os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
             )
@@ -630,6 +645,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "compress": args.compress,
         "nodata": args.nodata,
+        "overviews": args.overviews,
         "read_threads": args.read_threads,
         "device": torch.cuda.get_device_name()
         if args.device.startswith("cuda")
@@ -641,6 +657,7 @@ def main() -> int:
     print(
         f"\nmodel {meta['model']}, window {args.window}/{args.overlap} ({args.blend}), batch {args.batch_size}, {meta['device']}"
         + (", scene with a nodata margin (masked)" if args.nodata else "")
+        + (", overviews built" if args.overviews else "")
     )
     print(
         "| scene | windows | raw forward Mpx/s | full Mpx/s | overhead | peak RSS MB raw | peak RSS MB full | GPU peak MB |"

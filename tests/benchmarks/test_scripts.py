@@ -84,12 +84,12 @@ def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Pa
     assert "| color " in proc.stdout and ", labels " in proc.stdout  # lanes in name order
 
 
-def test_inference_benchmark_runs_a_scene_with_nodata(tmp_path: Path):
+def test_inference_benchmark_runs_a_scene_with_nodata_and_overviews(tmp_path: Path):
     pytest.importorskip("rasterio", reason="the inference benchmark writes GeoTIFFs (the geo extra)")
     out = tmp_path / "inference.json"
     proc = run_script(
         "inference.py",
-        "--sizes", "200",
+        "--sizes", "300",
         "--window", "128",
         "--overlap", "32",
         "--simulate-forward-ms", "1",
@@ -97,13 +97,15 @@ def test_inference_benchmark_runs_a_scene_with_nodata(tmp_path: Path):
         "--device", "cpu",
         "--threads", "1",
         "--nodata",
+        "--overviews",
         "--workdir", str(tmp_path),
         "--json", str(out),
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert report["meta"]["nodata"] is True and "nodata margin (masked)" in proc.stdout
+    assert report["meta"]["overviews"] is True and "overviews built" in proc.stdout
     (r,) = report["results"]
-    assert r["size"] == "200x200" and r["full_s"] > 0 and set(r["tail_lanes_s"]) == {"color", "labels"}
+    assert r["size"] == "300x300" and r["full_s"] > 0 and set(r["tail_lanes_s"]) == {"color", "labels"}
 
 
 def test_label_png_benchmark_compares_the_strategies_on_the_same_maps(tmp_path: Path):
