@@ -65,7 +65,9 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(synth: Path, tmp_path:
 def test_sigint_then_resume_with_last_matches_an_uninterrupted_run(synth: Path, tmp_path: Path) -> None:
     """The printed exact resume (``--ckpt_path last``) ends with the weights of an uninterrupted run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CTSEG_DEBUG": "0"}
-    det = ("--trainer.max_epochs", "3", "--trainer.deterministic", "true")
+    # Five epochs: the interrupt comes after the first, and the run must not end before it arrives. With
+    # three, a test process starved by a loaded machine once saw the run finish first (exit 0).
+    det = ("--trainer.max_epochs", "5", "--trainer.deterministic", "true")
 
     def fit(run: Path, *extra: str) -> None:
         argv = [sys.executable, "-m", "ctseg", "fit", *fit_args(synth, run, *det), *extra]
