@@ -1,4 +1,4 @@
-"""Nodata pixels of GeoTIFF scenes (a nodata value, NaN, an alpha band) are masked in every output."""
+"""Nodata pixels (a GeoTIFF's nodata value, NaN or alpha band; a PNG's alpha) are masked in every output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ctseg.errors import DataError
-from ctseg.inference.io import NODATA_LABEL, open_scene
+from ctseg.inference.io import NODATA_LABEL, PillowReader, open_scene
 from ctseg.inference.predict import predict_file
 from ctseg.inference.sliding import SlidingWindow, predict_large
 from tests.inference.conftest import pointwise_net, write_geotiff
@@ -162,3 +162,29 @@ def test_overviews_keep_classes_and_nodata(tmp_path: Path, smooth_image: np.ndar
     plain = predict(src, tmp_path / "plain")
     with rasterio.open(plain.outputs["labels"]) as d:
         assert d.overviews(1) == []
+
+
+def test_png_alpha_is_the_nodata_mask(tmp_path: Path, smooth_image: np.ndarray) -> None:
+    img, nodata = scene_with_holes(smooth_image)
+    alpha = np.where(nodata, 0, 255).astype(np.uint8)
+    Image.fromarray(np.concatenate([img, alpha[..., None]], axis=-1), mode="RGBA").save(tmp_path / "t.png")
+    Image.fromarray(img).save(tmp_path / "rgb.png")
+    res = predict(tmp_path / "t.png", tmp_path / "out")
+    ref = predict(tmp_path / "rgb.png", tmp_path / "ref")
+    labels = np.asarray(Image.open(res.outputs["labels"]))
+    unmasked = np.asarray(Image.open(ref.outputs["labels"]))
+    np.testing.assert_array_equal(labels == NODATA_LABEL, nodata)
+    np.testing.assert_array_equal(labels[~nodata], unmasked[~nodata])
+    rgba = np.asarray(Image.open(res.outputs["color"]).convert("RGBA"))
+    np.testing.assert_array_equal(rgba[..., 3], np.where(nodata, 0, 255))
+    # Fully opaque: no mask at all; a 4-band TIFF is not taken as RGB + alpha.
+    Image.fromarray(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), mode="RGBA").save(
+        tmp_path / "o.png"
+    )
+    with open_scene(tmp_path / "o.png") as r:
+        assert not r.has_mask and r.open_valid_mask() is None
+    Image.fromarray(np.dstack([img, alpha]), mode="RGBA").save(tmp_path / "four.tif")
+    with pytest.raises(DataError, match=r"four\.tif.*4 channels"):
+        PillowReader(tmp_path / "four.tif")  # the reader of plain TIFFs without rasterio
+    with PillowReader(tmp_path / "four.tif", bands=[1, 2, 3]) as r:
+        assert not r.has_mask

@@ -145,7 +145,8 @@ def _check_finite(path: Path | None, rows: np.ndarray, y0: int) -> None:
 
 
 class ArrayReader(SceneReader):
-    """An in-memory ``(H, W, 3)`` array (or ``(H, W, C)`` with ``bands`` choosing three, 1-based)."""
+    """An in-memory ``(H, W, 3)`` array (or ``(H, W, C)`` with ``bands`` choosing three, 1-based);
+    ``valid``: ``(H, W)`` bool, False at nodata pixels (e.g. from an alpha channel)."""
 
     def __init__(
         self,
@@ -154,8 +155,13 @@ class ArrayReader(SceneReader):
         input_max: float | None = None,
         path: str | Path | None = None,
         bands: Sequence[int] | None = None,
+        valid: np.ndarray | None = None,
     ) -> None:
         self.path = None if path is None else Path(path)
+        if valid is not None and valid.shape != array.shape[:2]:
+            raise DataError(self.path, f"valid mask of shape {valid.shape} for an image of {array.shape[:2]}")
+        self._valid = valid
+        self.has_mask = valid is not None and not bool(valid.all())
         if array.ndim != 3:
             raise DataError(self.path, f"expected an (H, W, 3) image, got shape {tuple(array.shape)}")
         if bands is not None:
@@ -180,6 +186,17 @@ class ArrayReader(SceneReader):
         _check_finite(self.path, rows, y0)
         return rows
 
+    def open_valid_mask(self) -> ValidMask | None:
+        return _ArrayValidMask(self._valid) if self.has_mask and self._valid is not None else None
+
+
+class _ArrayValidMask(ValidMask):
+    def __init__(self, valid: np.ndarray) -> None:
+        self._valid = valid
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        return self._valid[y0:y1]
+
 
 def _band_indices(path: Path | None, bands: Sequence[int], count: int) -> list[int]:
     idx = [int(b) - 1 for b in bands]
@@ -198,7 +215,12 @@ def _pillow_is_geotiff(path: Path) -> bool:
 
 
 class PillowReader(ArrayReader):
-    """PNG / JPEG / plain TIFF, decoded whole by Pillow (palette images are expanded to RGB)."""
+    """PNG / JPEG / plain TIFF, decoded whole by Pillow (palette images are expanded to RGB).
+
+    The alpha channel of a PNG (RGBA, or a palette with transparency) is its nodata mask: pixels with
+    alpha 0 are nodata, and the other three channels are the image. (A 4-channel TIFF is not read
+    this way: its fourth band is as often near-infrared as alpha; choose three with ``bands``.)
+    """
 
     def __init__(
         self, path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
@@ -210,8 +232,10 @@ class PillowReader(ArrayReader):
         old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             with Image.open(path) as im:
+                alpha_is_mask = im.format == "PNG"
                 if im.mode in ("P", "PA"):
                     im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+                alpha_is_mask = alpha_is_mask and im.mode == "RGBA"
                 array = np.asarray(im)
         except FileNotFoundError as exc:
             raise DataError(path, "no such file") from exc
@@ -221,7 +245,12 @@ class PillowReader(ArrayReader):
             Image.MAX_IMAGE_PIXELS = old
         if array.ndim == 2:
             raise DataError(path, "has 1 channel (greyscale), expected 3 (RGB)")
-        super().__init__(array, input_max=input_max, path=path, bands=bands)
+        valid = None
+        if alpha_is_mask:
+            valid = array[..., 3] > 0
+            if bands is None:
+                array = array[..., :3]
+        super().__init__(array, input_max=input_max, path=path, bands=bands, valid=valid)
 
 
 # Threads GDAL decodes the compressed tiles of one read with (the GTiff driver's NUM_THREADS open
