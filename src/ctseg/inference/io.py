@@ -734,6 +734,8 @@ class GeoTIFFWriter(RowWriter):
         rasterio = import_rasterio()
         if rasterio is None:
             raise OutputError(f"{path}: {GEO_EXTRA_HINT}")
+        if overviews is not None and overviews not in rasterio.enums.Resampling.__members__:
+            raise ValueError(f"unknown overview resampling {overviews!r}")
         self.path = Path(path)
         self.width, self.height, self.count = width, height, count
         self.dtype = np.dtype(dtype)
@@ -768,8 +770,6 @@ class GeoTIFFWriter(RowWriter):
         for i, name in enumerate(band_names or (), start=1):
             self._ds.set_band_description(i, name)
         self._overviews = overviews
-        if overviews is not None and overviews not in rasterio.enums.Resampling.__members__:
-            raise ValueError(f"unknown overview resampling {overviews!r}")
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
         self._row = 0  # first row not yet written to the file

@@ -567,8 +567,12 @@ def predict_large(
                 logits_out[:, y0 : y0 + h] = block.cpu().numpy()
         valid_mask = reader.open_valid_mask() if masked else None
         if valid_mask is not None:
-            try:
-                valid = valid_mask.read(0, reader.height)
+            valid = np.empty((reader.height, reader.width), dtype=bool)
+            try:  # by strips: a GeoTIFF's masks are read per band, several times the mask's bytes
+                for r0 in range(0, reader.height, settings.window):
+                    valid[r0 : r0 + settings.window] = valid_mask.read(
+                        r0, min(r0 + settings.window, reader.height)
+                    )
             finally:
                 valid_mask.close()
     assert labels is not None
