@@ -35,19 +35,25 @@ def run_script(name: str, *args: str, timeout: float = 240) -> subprocess.Comple
     return proc
 
 
+# A 300² scene, 128² windows and a simulated forward of 1 ms: the inference benchmark in seconds.
+TINY_INFERENCE = (
+    "--sizes", "300",
+    "--window", "128",
+    "--overlap", "32",
+    "--simulate-forward-ms", "1",
+    "--repeat", "1",
+    "--device", "cpu",
+    "--threads", "1",
+)  # fmt: skip
+
+
 def test_inference_benchmark_reports_overhead_and_the_head_timeline(tmp_path: Path):
     pytest.importorskip("rasterio", reason="the inference benchmark writes GeoTIFFs (the geo extra)")
     out = tmp_path / "inference.json"
     proc = run_script(
         "inference.py",
-        "--sizes", "300",
-        "--window", "128",
-        "--overlap", "32",
+        *TINY_INFERENCE,
         "--batch-size", "2",
-        "--simulate-forward-ms", "1",
-        "--repeat", "1",
-        "--device", "cpu",
-        "--threads", "1",
         "--workdir", str(tmp_path / "not" / "yet" / "there"),  # created by the script
         "--json", str(out),
     )  # fmt: skip
@@ -89,13 +95,7 @@ def test_inference_benchmark_runs_a_scene_with_nodata_and_overviews(tmp_path: Pa
     out = tmp_path / "inference.json"
     proc = run_script(
         "inference.py",
-        "--sizes", "300",
-        "--window", "128",
-        "--overlap", "32",
-        "--simulate-forward-ms", "1",
-        "--repeat", "1",
-        "--device", "cpu",
-        "--threads", "1",
+        *TINY_INFERENCE,
         "--nodata",
         "--overviews",
         "--workdir", str(tmp_path),
