@@ -112,17 +112,8 @@ def test_predict_masks_nodata_unless_told_not_to(
     img = np.maximum(np.tile(smooth_image, (4, 3, 1)), 1)  # 308 x 303: one overview level
     img[:, :12] = 0  # outside the scene's footprint
     scene = write_geotiff(tmp_path / "scene.tif", img, nodata=0)
-    args = [
-        "--window",
-        "32",
-        "--overlap",
-        "8",
-        "--no-progress",
-        "--checkpoint",
-        str(ckpt),
-        "--input",
-        str(scene),
-    ]
+    common = ["--window", "32", "--overlap", "8", "--no-progress", "--checkpoint", str(ckpt)]
+    args = [*common, "--input", str(scene)]
     labels = {}
     for name, extra, overviews in (("masked", ["--overviews"], [2]), ("plain", ["--no-nodata-mask"], [])):
         assert main(["predict", *args, "--output", str(tmp_path / name), *extra]) == 0
@@ -131,6 +122,13 @@ def test_predict_masks_nodata_unless_told_not_to(
             assert d.overviews(1) == overviews
     assert (labels["masked"][:, :12] == 255).all() and (labels["plain"] < protocol.num_classes).all()
     np.testing.assert_array_equal(labels["masked"][:, 12:], labels["plain"][:, 12:])
+    # A scene without a nodata tag: --nodata declares the value of its border.
+    untagged = write_geotiff(tmp_path / "untagged.tif", img)
+    out = tmp_path / "declared"
+    argv = [*common, "--input", str(untagged), "--output", str(out), "--nodata", "0"]
+    assert main(["predict", *argv]) == 0
+    with rasterio.open(out / "untagged_labels.tif") as d:
+        np.testing.assert_array_equal(d.read(1), labels["masked"])
 
 
 def test_predict_errors_are_one_line_naming_the_file(tmp_path: Path, tiny_registry, capsys) -> None:

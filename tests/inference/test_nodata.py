@@ -188,3 +188,41 @@ def test_png_alpha_is_the_nodata_mask(tmp_path: Path, smooth_image: np.ndarray) 
         PillowReader(tmp_path / "four.tif")  # the reader of plain TIFFs without rasterio
     with PillowReader(tmp_path / "four.tif", bands=[1, 2, 3]) as r:
         assert not r.has_mask
+
+
+def test_a_declared_nodata_value_masks_untagged_black_borders(
+    tmp_path: Path, smooth_image: np.ndarray
+) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    img, nodata = scene_with_holes(smooth_image)
+    src = write_geotiff(tmp_path / "untagged.tif", img)  # black borders, but no nodata tag
+    with open_scene(src) as r:
+        assert not r.has_mask
+    res = predict(src, tmp_path / "out", nodata=0)
+    with rasterio.open(res.outputs["labels"]) as d:
+        labels = d.read(1)
+        assert d.nodata == NODATA_LABEL
+    # Pixels that are 0 in one band only (rows 5-8) are data: nodata is 0 in every band.
+    np.testing.assert_array_equal(labels == NODATA_LABEL, nodata)
+    # The same for an image Pillow reads, and in memory.
+    Image.fromarray(img).save(tmp_path / "untagged.png")
+    png = predict(tmp_path / "untagged.png", tmp_path / "png", nodata=0)
+    np.testing.assert_array_equal(np.asarray(Image.open(png.outputs["labels"])) == NODATA_LABEL, nodata)
+    pred = predict_large(pointwise_net(5), img, window=32, overlap=8, nodata=0)
+    np.testing.assert_array_equal(pred.valid, ~nodata)
+    np.testing.assert_array_equal(pred.labels, labels)
+
+
+def test_a_declared_nan_nodata_value_masks_a_float_scene_without_a_tag(
+    tmp_path: Path, smooth_image: np.ndarray
+) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    img, nodata = scene_with_holes(smooth_image)
+    scene = img.astype(np.float32) / 255
+    scene[nodata] = np.nan
+    src = write_geotiff(tmp_path / "untagged.tif", scene)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        predict(src, tmp_path / "out", input_max=1.0)
+    res = predict(src, tmp_path / "out", input_max=1.0, nodata=float("nan"))
+    with rasterio.open(res.outputs["labels"]) as d:
+        np.testing.assert_array_equal(d.read(1) == NODATA_LABEL, nodata)

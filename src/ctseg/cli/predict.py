@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bands", type=_ints, default=None, help="three 1-based band numbers, e.g. 1,2,3 of an RGBIR scene"
     )
     p.add_argument(
+        "--nodata",
+        type=float,
+        default=None,
+        help="a pixel value that marks nodata in every band, e.g. 0 for the black border of a scene "
+        "without a nodata tag (in addition to the scene's own mask)",
+    )
+    p.add_argument(
         "--no-nodata-mask",
         action="store_true",
         help="classify the scene's nodata pixels too (default: label 255, transparent, NaN probabilities)",
@@ -184,6 +191,7 @@ def main(argv: Sequence[str]) -> int:
                 device=device,
                 progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
                 mask_nodata=not args.no_nodata_mask,
+                nodata=args.nodata,
                 overviews=args.overviews,
             )
             written = ", ".join(str(p) for p in result.outputs.values())

@@ -124,6 +124,13 @@ class ValidMask:
         pass
 
 
+def _is_value(rows: np.ndarray, value: float) -> np.ndarray:
+    """Where ``rows`` ``(C, ...)`` equals ``value`` in every channel (NaN matches NaN): GDAL's rule for a
+    nodata value shared by the bands."""
+    hit = np.isnan(rows) if np.isnan(value) else rows == value
+    return hit.all(axis=0)
+
+
 def _check_input_max(path: Path | None, dtype: np.dtype, input_max: float | None) -> float:
     if input_max is not None:
         if not input_max > 0:
@@ -156,12 +163,11 @@ class ArrayReader(SceneReader):
         path: str | Path | None = None,
         bands: Sequence[int] | None = None,
         valid: np.ndarray | None = None,
+        nodata: float | None = None,
     ) -> None:
         self.path = None if path is None else Path(path)
         if valid is not None and valid.shape != array.shape[:2]:
             raise DataError(self.path, f"valid mask of shape {valid.shape} for an image of {array.shape[:2]}")
-        self._valid = valid
-        self.has_mask = valid is not None and not bool(valid.all())
         if array.ndim != 3:
             raise DataError(self.path, f"expected an (H, W, 3) image, got shape {tuple(array.shape)}")
         if bands is not None:
@@ -176,6 +182,13 @@ class ArrayReader(SceneReader):
             raise DataError(self.path, f"zero-size image ({array.shape[0]}x{array.shape[1]})")
         if array.dtype.kind not in "uif":
             raise DataError(self.path, f"unsupported pixel type {array.dtype}")
+        if nodata is not None:  # pixels of this value in all three channels are nodata
+            value_valid = ~_is_value(np.moveaxis(array, -1, 0), nodata)
+            valid = value_valid if valid is None else valid & value_valid
+            if np.isnan(nodata) and array.dtype.kind == "f":
+                array = np.nan_to_num(array, nan=0.0, posinf=np.inf, neginf=-np.inf)
+        self._valid = valid
+        self.has_mask = valid is not None and not bool(valid.all())
         self.array = np.ascontiguousarray(array.transpose(2, 0, 1))  # (3, H, W)
         self.height, self.width = int(array.shape[0]), int(array.shape[1])
         self.dtype = array.dtype
@@ -223,7 +236,12 @@ class PillowReader(ArrayReader):
     """
 
     def __init__(
-        self, path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
+        self,
+        path: str | Path,
+        *,
+        input_max: float | None = None,
+        bands: Sequence[int] | None = None,
+        nodata: float | None = None,
     ):
         from PIL import Image, UnidentifiedImageError
 
@@ -250,7 +268,7 @@ class PillowReader(ArrayReader):
             valid = array[..., 3] > 0
             if bands is None:
                 array = array[..., :3]
-        super().__init__(array, input_max=input_max, path=path, bands=bands, valid=valid)
+        super().__init__(array, input_max=input_max, path=path, bands=bands, valid=valid, nodata=nodata)
 
 
 # Threads GDAL decodes the compressed tiles of one read with (the GTiff driver's NUM_THREADS open
@@ -274,6 +292,7 @@ class RasterioReader(SceneReader):
         input_max: float | None = None,
         bands: Sequence[int] | None = None,
         read_threads: int | str | None = None,
+        nodata: float | None = None,
     ):
         rasterio = import_rasterio()
         if rasterio is None:
@@ -322,11 +341,15 @@ class RasterioReader(SceneReader):
         # GDAL's mask of each band covers a nodata value, an alpha band and an internal or sidecar mask
         # alike; a band without any is "all valid".
         flags = [ds.mask_flag_enums[b - 1] for b in self._bands]
-        self.has_mask = any(rasterio.enums.MaskFlags.all_valid not in f for f in flags)
+        self._own_mask = any(rasterio.enums.MaskFlags.all_valid not in f for f in flags)
+        # ``nodata``: a value the caller declares nodata (e.g. black borders of a scene without a nodata
+        # tag), in addition to the scene's own mask.
+        self._nodata_value = nodata
+        self.has_mask = self._own_mask or nodata is not None
         # NaN as the nodata value of a float raster: NaN pixels are nodata (masked, fed to the network
         # as 0), not the corrupt values that an error reports.
-        nodata = [ds.nodatavals[b - 1] for b in self._bands]
-        self._nan_nodata = self.dtype.kind == "f" and any(v is not None and np.isnan(v) for v in nodata)
+        values = [ds.nodatavals[b - 1] for b in self._bands] + [nodata]
+        self._nan_nodata = self.dtype.kind == "f" and any(v is not None and np.isnan(v) for v in values)
         self._mask_threads = threads if ds.compression is not None else "1"
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
@@ -357,19 +380,31 @@ class RasterioReader(SceneReader):
     def open_valid_mask(self) -> ValidMask | None:
         if not self.has_mask:
             return None
-        return _RasterioValidMask(self.path, self._bands, self.width, self._mask_threads)
+        return _RasterioValidMask(
+            self.path, self._bands, self.width, self._mask_threads, self._own_mask, self._nodata_value
+        )
 
     def close(self) -> None:
         self._ds.close()
 
 
 class _RasterioValidMask(ValidMask):
-    """GDAL's masks of the chosen bands, from a handle of its own (a dataset is not shared between
-    threads); a pixel is valid where any band is, as GDAL's dataset mask counts it."""
+    """GDAL's masks of the chosen bands (``own``), from a handle of its own (a dataset is not shared
+    between threads); a pixel is valid where any band is, as GDAL's dataset mask counts it. With
+    ``nodata``, pixels of that value in every chosen band are nodata as well."""
 
-    def __init__(self, path: Path, bands: Sequence[int], width: int, threads: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        bands: Sequence[int],
+        width: int,
+        threads: str,
+        own: bool = True,
+        nodata: float | None = None,
+    ) -> None:
         rasterio = import_rasterio()
         self.path, self._bands, self._width = path, list(bands), width
+        self._own, self._nodata = own, nodata
         try:
             self._ds = rasterio.open(path, num_threads=threads) if threads != "1" else rasterio.open(path)
         except rasterio.errors.RasterioIOError as exc:
@@ -378,18 +413,27 @@ class _RasterioValidMask(ValidMask):
     def read(self, y0: int, y1: int) -> np.ndarray:
         from rasterio.windows import Window
 
+        window = Window(0, y0, self._width, y1 - y0)
+        valid = np.ones((y1 - y0, self._width), dtype=bool)
         try:
-            masks = self._ds.read_masks(self._bands, window=Window(0, y0, self._width, y1 - y0))
+            if self._own:
+                valid &= self._ds.read_masks(self._bands, window=window).any(axis=0)
+            if self._nodata is not None:
+                valid &= ~_is_value(self._ds.read(self._bands, window=window), self._nodata)
         except Exception as exc:
             raise DataError(self.path, f"cannot read the nodata mask of rows {y0}-{y1} ({exc})") from exc
-        return masks.any(axis=0)
+        return valid
 
     def close(self) -> None:
         self._ds.close()
 
 
 def open_scene(
-    path: str | Path, *, input_max: float | None = None, bands: Sequence[int] | None = None
+    path: str | Path,
+    *,
+    input_max: float | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
 ) -> SceneReader:
     """A reader for ``path``: rasterio for TIFF when installed, else Pillow (refusing GeoTIFFs);
     rasterio for the rasters only GDAL reads (:data:`GDAL_SUFFIXES`); Pillow for PNG / JPEG."""
@@ -401,17 +445,17 @@ def open_scene(
     if path.suffix.lower() in GDAL_SUFFIXES:
         if import_rasterio() is None:
             raise DataError(path, f"is read by GDAL; {GEO_EXTRA_HINT}")
-        return RasterioReader(path, input_max=input_max, bands=bands)
+        return RasterioReader(path, input_max=input_max, bands=bands, nodata=nodata)
     if path.suffix.lower() in GEOTIFF_SUFFIXES:
         if import_rasterio() is not None:
-            return RasterioReader(path, input_max=input_max, bands=bands)
+            return RasterioReader(path, input_max=input_max, bands=bands, nodata=nodata)
         if _pillow_is_geotiff(path):
             raise DataError(path, f"is a GeoTIFF; {GEO_EXTRA_HINT}")
         try:
-            return PillowReader(path, input_max=input_max, bands=bands)
+            return PillowReader(path, input_max=input_max, bands=bands, nodata=nodata)
         except DataError as exc:
             raise DataError(path, f"{exc.problem}; if it is a GeoTIFF, pip install ctseg[geo]") from exc
-    return PillowReader(path, input_max=input_max, bands=bands)
+    return PillowReader(path, input_max=input_max, bands=bands, nodata=nodata)
 
 
 def list_inputs(path: str | Path) -> list[Path]:

@@ -195,6 +195,7 @@ def predict_file(
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
     mask_nodata: bool = True,
+    nodata: float | None = None,
     overviews: bool = False,
 ) -> PredictedFile:
     """Predict ``input_path`` with sliding windows and write its outputs into ``output_dir``.
@@ -215,6 +216,8 @@ def predict_file(
         mask_nodata: where the scene has nodata pixels (a nodata value, an alpha band or a mask), label
             them :data:`NODATA_LABEL` and give them NaN probabilities. The network still sees them (as
             their raw values; NaN as 0), so predictions next to them are made as without the mask.
+        nodata: a pixel value that marks nodata in every band (e.g. 0 for the black border of a
+            scene without a nodata tag), in addition to the scene's own mask.
         overviews: build internal overviews in the output GeoTIFFs (labels by nearest neighbour,
             probabilities by average) when they are finished, for GIS viewers; costs a read-back of
             each file at the end (GeoTIFF input only; PNG has none).
@@ -224,7 +227,7 @@ def predict_file(
     settings = settings or SlidingWindow()
     out_dir = check_output_dir(output_dir)
     palette = [tuple(int(v) for v in c) for c in (colors or default_palette(num_classes))]
-    with gdal_env(), open_scene(input_path, input_max=input_max, bands=bands) as reader:
+    with gdal_env(), open_scene(input_path, input_max=input_max, bands=bands, nodata=nodata) as reader:
         h, w = reader.height, reader.width
         geo = reader.georef is not None
         masked = mask_nodata and reader.has_mask

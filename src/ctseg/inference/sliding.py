@@ -507,6 +507,7 @@ def predict_large(
     return_logits: bool = False,
     progress: ProgressFn | None = None,
     mask_nodata: bool = True,
+    nodata: float | None = None,
 ) -> Prediction:
     """Predict a whole image or scene with sliding windows and blended logits, in memory.
 
@@ -529,16 +530,20 @@ def predict_large(
         mask_nodata: where the scene has nodata pixels (a GeoTIFF's nodata value, alpha band or mask),
             label them :data:`~ctseg.inference.io.NODATA_LABEL` and give them NaN probabilities, as
             :func:`~ctseg.inference.predict.predict_file` does; ``Prediction.valid`` is the mask.
+        nodata: a pixel value that marks nodata in every channel (e.g. 0 for black borders), in
+            addition to the scene's own mask.
     """
     from ctseg.inference.io import NODATA_LABEL, ArrayReader, gdal_env, open_scene
     from ctseg.inference.tta import maybe_tta
 
     settings = SlidingWindow(window=window, overlap=overlap, blend=blend, batch_size=batch_size)
     if isinstance(image, np.ndarray):
-        reader: SceneReader = ArrayReader(image, input_max=input_max, bands=bands)
+        reader: SceneReader = ArrayReader(image, input_max=input_max, bands=bands, nodata=nodata)
     elif isinstance(image, str | Path):
-        reader = open_scene(image, input_max=input_max, bands=bands)
+        reader = open_scene(image, input_max=input_max, bands=bands, nodata=nodata)
     else:
+        if nodata is not None:
+            raise ValueError("nodata: pass it to the reader (open_scene(..., nodata=...)) instead")
         reader = image
     net = maybe_tta(model, tta, scales)
     labels: np.ndarray | None = None
