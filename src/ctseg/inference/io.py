@@ -113,6 +113,15 @@ class SceneReader:
 NODATA_LABEL = 255
 
 
+def check_nodata_label_free(path: Path | str | None, num_classes: int) -> None:
+    """A scene with nodata pixels needs :data:`NODATA_LABEL` free: at most that many classes."""
+    if num_classes > NODATA_LABEL:
+        raise ValueError(
+            f"{path}: has nodata pixels, which label maps mark as {NODATA_LABEL}: at most "
+            f"{NODATA_LABEL} classes (or mask_nodata=False, CLI --no-nodata-mask)"
+        )
+
+
 class ValidMask:
     """The valid pixels of a scene, by rows (:meth:`SceneReader.open_valid_mask`): one thread at a time."""
 

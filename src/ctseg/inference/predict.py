@@ -40,6 +40,7 @@ from ctseg.inference.io import (
     OutputSet,
     PNGStreamWriter,
     RowWriter,
+    check_nodata_label_free,
     check_output_dir,
     close_quietly,
     gdal_env,
@@ -231,11 +232,8 @@ def predict_file(
         h, w = reader.height, reader.width
         geo = reader.georef is not None
         masked = mask_nodata and reader.has_mask
-        if masked and num_classes > NODATA_LABEL:
-            raise ValueError(
-                f"{input_path}: has nodata pixels, which label maps mark as {NODATA_LABEL}: at most "
-                f"{NODATA_LABEL} classes (or mask_nodata=False, CLI --no-nodata-mask)"
-            )
+        if masked:
+            check_nodata_label_free(input_path, num_classes)
         names = output_names(Path(input_path).stem, geo, probs)
         result = PredictedFile(Path(input_path), h, w, georeferenced=geo)
         gy, _ = settings.grids(h, w)

@@ -533,7 +533,7 @@ def predict_large(
         nodata: a pixel value that marks nodata in every channel (e.g. 0 for black borders), in
             addition to the scene's own mask.
     """
-    from ctseg.inference.io import NODATA_LABEL, ArrayReader, gdal_env, open_scene
+    from ctseg.inference.io import NODATA_LABEL, ArrayReader, check_nodata_label_free, gdal_env, open_scene
     from ctseg.inference.tta import maybe_tta
 
     settings = SlidingWindow(window=window, overlap=overlap, blend=blend, batch_size=batch_size)
@@ -554,12 +554,9 @@ def predict_large(
             net, reader, settings, normalization=normalization, device=device, progress=progress
         ):
             k, h, _ = block.shape
-            if masked and k > NODATA_LABEL:
-                raise ValueError(
-                    f"{reader.path}: has nodata pixels, which label maps mark as {NODATA_LABEL}: at "
-                    f"most {NODATA_LABEL} classes (or mask_nodata=False)"
-                )
             if labels is None:
+                if masked:  # K is known from the first block on
+                    check_nodata_label_free(reader.path, k)
                 labels = np.empty((reader.height, reader.width), dtype=np.uint8 if k <= 256 else np.int64)
                 if return_probs:
                     probs = np.empty((k, reader.height, reader.width), dtype=np.float32)
